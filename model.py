@@ -16,8 +16,8 @@ Choices:
   forward writes in place at the rows' positions (gpt-fast style: fixed shapes, so a decode step compiles).
 - In a cache row the sequence always starts at index 0 and position == cache index, so each row of a
   batch can be at its own length (the sampler relies on this for continuous batching).
-- Attention is torch SDPA. On CUDA with flash-attn installed, mask-free causal attention and packed
-  sequences (`cu_seqlens`, padding-free training) go to flash-attn; elsewhere a packed batch gets a
+- Attention is torch SDPA. On CUDA with flash-attn installed and a 16-bit dtype, mask-free causal
+  attention and packed sequences (`cu_seqlens`, padding-free training) go to flash-attn; elsewhere a packed batch gets a
   block-diagonal causal mask. Both give the same outputs to tolerance.
 - RoPE angles are computed in fp32 from the positions on every call (cheap next to the matmuls) rather
   than kept in a buffer that `.to(bfloat16)` would round.
@@ -177,7 +177,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, S, hd)
-        if flash_attn_func is not None and x.is_cuda and mask is None and cache is None:
+        if flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32 and mask is None and cache is None:
             y = self._flash(q, k, v, cu_seqlens)
         else:
             if cu_seqlens is not None:
