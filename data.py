@@ -1,0 +1,80 @@
+"""
+Problem files in, prompt token ids out.
+
+    rows = load_problems("../shared/data/train.jsonl")         # [{"id", "problem", "answer", ...}, ...]
+    ids = build_prompt(tokenizer, rows[0]["problem"], limit=4000, system_prompt=cfg.system_prompt)
+
+Choices:
+- A problem file is JSONL, one object per line with non-empty string `problem` and `answer` (an answer
+  given as a JSON number, as user files often do, becomes its string: 42 -> "42", 0.5 -> "0.5"). Rows
+  without an `id` get "<file stem>-<line>". Parquet (same columns) is read when pyarrow is installed.
+  A bad row stops the run with `file:line: key ...`: a silently skipped row would change the data order.
+- The prompt is the model's own chat template (`add_generation_prompt=True`), so R1-Distill gets its
+  `<｜User｜>...<｜Assistant｜><think>\\n` wrapper. The user turn is the problem plus the instruction
+  ThinkPrune's official code uses for DeepSeek models. With a limit, a system turn carries
+  `system_prompt` with "{L}" filled in, as the official code does. With `limit=None` there is no system
+  turn at all: a limit-free prompt is the model's native prompt, which is what the base model was
+  distilled on (the evaluation of an unconstrained model uses this).
+- Dropping prompts that are too long happens in train.py (it knows max_prompt_tokens and logs the count).
+"""
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def _check_row(row, where: str) -> dict:
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for key in ("problem", "answer"):
+        v = row.get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and key == "answer":
+            v = str(v)
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"{where}: key {key!r} must be a non-empty string, got {v!r}")
+        row[key] = v
+    return row
+
+
+def load_problems(path) -> list[dict]:
+    """Rows of a .jsonl (or .parquet, with pyarrow) file, each with id, problem, answer (str)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such problem file")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
+        records = pq.read_table(path).to_pylist()
+        lines = [(i + 1, r) for i, r in enumerate(records)]  # "line" = 1-based row number
+    else:
+        lines = []
+        for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            if not text.strip():
+                continue
+            try:
+                lines.append((i, json.loads(text)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    rows = []
+    for i, row in lines:
+        row = _check_row(row, f"{path}:{i}")
+        row.setdefault("id", f"{path.stem}-{i}")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no problems in the file")
+    return rows
+
+
+def build_prompt(tokenizer, problem: str, limit: int | None, system_prompt: str) -> list[int]:
+    """Token ids of the chat-formatted prompt, ending with the assistant's generation prompt."""
+    messages = [{"role": "user", "content": problem + " " + INSTRUCTION}]
+    if limit is not None:
+        messages.insert(0, {"role": "system", "content": system_prompt.replace("{L}", str(limit))})
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    # transformers 5 returns a BatchEncoding (input_ids + attention_mask); older versions a plain list
+    ids = out["input_ids"] if isinstance(out, Mapping) else out
+    return [int(t) for t in ids]
