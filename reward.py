@@ -11,8 +11,8 @@ How an answer is compared (each rule is pinned by a test in tests/test_reward.py
    is X", then a short one-line text taken as a bare answer.
 2. Normalisation (strings only): \\dfrac/\\tfrac, \\left/\\right, spacing commands, $, \\text{} (a
    trailing \\text{...} is a unit and is dropped, a whole-answer \\text{...} is unwrapped), a short list
-   of plain unit words, degrees, %, thousands separators, base subscripts (52_8 -> 52: the problem
-   asked for the digits), repeating decimals (1.\\overline{3} -> 4/3), \\frac12 -> \\frac{1}{2},
+   of plain unit words, degrees, %, thousands separators, base subscripts (52_8 matches 52, not 42:
+   the problem asked for the digits), \approx and what follows, repeating decimals (1.\\overline{3} -> 4/3), \\frac12 -> \\frac{1}{2},
    \\sin^{-1} -> \\arcsin, numpy names (np.arcsin) -> LaTeX, "(C)" -> "C".
 3. Structure: a bare list "a, b", a set \\{a, b\\} and a union A \\cup B are compared as multisets
    (order ignored); a ± in an element stands for both signs; "(..)"/"[..]" with a comma is a tuple
@@ -25,7 +25,7 @@ How an answer is compared (each rule is pinned by a test in tests/test_reward.py
    10^{3}) are compared exactly as fractions, so a rounded decimal of an exact answer is wrong;
    words (3+ letters) are compared as text; anything else is parsed by latex2sympy2_extended (a
    maintained ANTLR LaTeX -> sympy parser; `i` is the imaginary unit; decimals become exact fractions)
-   and compared numerically at 30 digits with relative tolerance 1e-20, at three fixed points for its free symbols (a randomised
+   and compared numerically at 30 digits with relative tolerance 1e-20, at four fixed points for its free symbols (a randomised
    identity test; a difference that simplifies to 0 is the fallback when numbers can't be had).
 
 The bound. The parent process never imports sympy: extraction, normalisation, string equality and
@@ -34,8 +34,8 @@ goes to a worker subprocess (`python reward.py --worker`, a JSON line per reques
 own work with SIGALRM (it is single-threaded, so the alarm works there), and the caller, in whatever
 thread, waits at most `timeout` seconds, then kills, reaps and restarts it (that answer is False).
 This holds in threads and under torchrun, where SIGALRM in the caller would not. One worker per
-concurrent caller, started on first need (its startup, ~1 s, is waited for once and not counted in
-the timeout); workers exit when their stdin closes and are killed at interpreter exit. Inputs are
+concurrent caller, at most MAX_WORKERS (callers beyond that queue, and the wait is not counted),
+started on first need (its startup, ~1 s, is waited for once and not counted in the timeout); workers exit when their stdin closes and are killed at interpreter exit. Inputs are
 capped before any regex (texts at 1 MB, answers at 1,000 characters for structure and 400 for sympy,
 bracket depth 12, numbers 4,000 digits, exponents 400); past a cap only string equality decides.
 
@@ -43,7 +43,7 @@ Simplifications: beyond 10^5000 two different spellings of an exact value are eq
 simplifies their difference to 0 within the bound; bare comma lists are unordered (so an ordered triple written without brackets
 matches its permutations); proportional equations (2y = 4x vs y = 2x) do not match; percent and
 degree signs are dropped (62.5% matches 62.5, not 0.625; no degrees <-> radians); a numeric match
-at 30 digits is taken as proof (3 points for expressions with symbols).
+at 30 digits is taken as proof (4 points for expressions with symbols).
 """
 import atexit
 import json
@@ -190,13 +190,13 @@ def normalize(s):
                r"log|exp|sqrt|pi|infty)(?![a-zA-Z])", r"\\\1", s)
     s = re.sub(r"\\(sin|cos|tan)\s*\^\s*\{?\s*-1\s*\}?", r"\\arc\1", s)
     s = re.sub(r"\\(le|ge)q(?:slant)?(?![a-zA-Z])", r"\\\1", s)
+    s = re.sub(r"\\approx.*", "", s)  # "\frac23 \approx 0.67": the exact value is the answer
     s = re.sub(r"\\(?:lt)(?![a-zA-Z])", "<", s)
     s = re.sub(r"\\(?:gt)(?![a-zA-Z])", ">", s)
     s = _fix_args(s)
     s = re.sub(r"(\d*)\.(\d*)\\overline\{(\d+)\}", _repeating, s)
     s = re.sub(r"(^|[(\[{,])\s*\+", r"\1", s)  # +\infty, (2, +3)
     s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
-    s = re.sub(r"^(\d+)_\{?\d+\}?$", r"\1", s)  # base subscript: 52_8 -> 52
     if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # 32,348 as a whole answer
         s = s.replace(",", "")
     s = re.sub(r"^\(([A-E])\)$", r"\1", s)  # a multiple-choice letter
@@ -408,11 +408,19 @@ class _NeedSympy(Exception):
     pass
 
 
+_BASE = re.compile(r"(-?[0-9A-Z]+)_\{?(\d+)\}?")
+
+
 def _leaf_fast(a, b):
     """Decide a leaf without sympy, or raise _NeedSympy."""
     a, b = a.lstrip("+"), b.lstrip("+")
     if _key(a) == _key(b):
         return True
+    ba, bb = _BASE.fullmatch(a), _BASE.fullmatch(b)
+    if ba or bb:  # 52_8: a numeral in base 8; against a bare numeral, the digits are what was asked
+        if ba and bb:
+            return ba.groups() == bb.groups()
+        return (ba or bb).group(1) == (b if ba else a)
     if _is_word(a) or _is_word(b):
         return _key(a).lower() == _key(b).lower()
     x, y = _number(a), _number(b)
@@ -449,6 +457,8 @@ def _leaf_sympy(a, b):
 def _parse(s):
     import sympy
     from latex2sympy2_extended.latex2sympy2 import ConversionConfig, latex2sympy
+    # \gamma in an answer is a variable (a Lorentz factor, an angle), not Euler's constant
+    s = re.sub(r"\\gamma(?![a-zA-Z])", r"\\mathit{gamma}", s)
     # decimals as exact fractions, so that a rounded decimal never passes for an exact value
     s = re.sub(r"(\d*)\.(\d+)", lambda m: "\\frac{%s}{1%s}" % (m.group(1) + m.group(2), "0" * len(m.group(2))), s)
     try:
@@ -462,11 +472,13 @@ def _parse(s):
 
 
 def _expr_equal(x, y):
-    """Equal at 30 digits (rel. 1e-20) at 3 fixed points of the free symbols; else simplify(x-y)."""
+    """Equal at 30 digits (rel. 1e-20) at 4 fixed points of the free symbols; else simplify(x-y)."""
     import sympy
     syms = sorted(x.free_symbols | y.free_symbols, key=str)
-    points = [{s: sympy.Rational(17 + 5 * j + 11 * k, 23) for j, s in enumerate(syms)}
-              for k in range(3 if syms else 1)]
+    # positive points of different sizes, so floor(m/2) and floor(m/3) part; distinct per symbol
+    scales = [sympy.Rational(13, 11), sympy.Rational(37, 7), sympy.Rational(101, 9), sympy.Rational(257, 13)]
+    points = [{s: scales[k] + sympy.Rational(j, 7) for j, s in enumerate(syms)}
+              for k in range(len(scales) if syms else 1)]
     seen = 0
     for pt in points:
         try:
@@ -476,14 +488,13 @@ def _expr_equal(x, y):
         if not (u.is_number and v.is_number):
             continue
         if u.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan) or v.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
-            if u != v:
-                return False
-            seen += 1
-            continue
+            if syms:
+                continue  # a pole of one point says nothing
+            return u == v
         d, m = abs(sympy.N(u - v, 30)), max(abs(u), abs(v))
         if not (d.is_number and m.is_number):
             continue
-        if d > 1e-20 * m + 1e-25:
+        if d > 1e-20 * m:
             return False
         if m > 1e15:
             # a relative tolerance cannot tell 2^{1009} from 2^{1009}+1: redo at all its digits + 30
@@ -553,13 +564,20 @@ class _Worker:
                 pass
 
 
+MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))  # more callers than this queue for a worker
 _idle, _all, _lock = [], [], threading.Lock()
+_slots = threading.BoundedSemaphore(MAX_WORKERS)
 _broken = []  # set when a worker could not even start (e.g. latex2sympy2_extended missing)
 
 
 def _ask_worker(p, g, timeout):
     if _broken:
         return False
+    with _slots:
+        return _ask_worker_slot(p, g, timeout)
+
+
+def _ask_worker_slot(p, g, timeout):
     with _lock:
         w = _idle.pop() if _idle else None
         if w is None:

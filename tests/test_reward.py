@@ -75,12 +75,18 @@ RULES = [
     ("10^{-5}", "1e-5", True),
     ("-1/3", "-1./3", True),
     ("2^{1009}+1", "2^{1009}", False),                    # a relative tolerance is not enough
+    ("\\frac{1}{2^{99}}", "\\frac{1}{2^{98}}", False),       # ... nor an absolute one
+    ("\\frac23", "\\$\\dfrac23 \\approx \\$0.67", True),    # the exact value before \approx
+    ("12_6", "12_5", False),                               # two bases must agree
     # symbolic
     ("\\sqrt{117}", "3\\sqrt{13}", True),
     ("\\frac{1}{2+\\sqrt{3}}", "2-\\sqrt{3}", True),
     ("6!", "720", True),
     ("\\frac{(2n)!}{(n!)^2}", "\\binom{2n}{n}", True),    # free symbols: checked at fixed points
     ("mn-\\lceil m/2\\rceil", "m n-\\lfloor m / 2\\rfloor", False),
+    ("\\lfloor\\frac{2n-1}{6}\\rfloor", "\\lfloor\\frac{2 n-1}{5}\\rfloor", False),  # points of several sizes
+    ("m_p c^2(\\gamma^2-1)", "m_{p} c^{2}\\left(\\gamma^{2}-1\\right)", True),  # \gamma is a variable ...
+    ("\\gamma", "0.5772156649015329", False),              # ... not Euler's constant
     ("\\frac{\\cos x}{\\sin x}", "\\cot x", True),
     ("-5i+6", "6 - 5i", True),                            # i is the imaginary unit
     ("\\frac{1-i}{4}e^{2it}", "\\frac{e^{2 i t}}{(2+2 i)}", True),
