@@ -1,0 +1,242 @@
+"""
+Batched sampling from a `model.Transformer` with a static KV cache and ThinkPrune's hard length cutoff.
+
+    from rollout import generate
+    ro = generate(model, prompts, n=8, max_new_tokens=4096, temperature=0.6, top_p=0.95, seed=step)
+    ro.tokens[i, :ro.lengths[i]]  # completion i, EOS included; its prompt is prompts[ro.prompt_index[i]]
+
+Rows are prompt-major: row i is sample i % n of prompt i // n (a GRPO group is n consecutive rows).
+A row stops at the first EOS (kept: learning when to stop is the method) or after exactly
+`max_new_tokens` tokens without one: the hard cutoff, `finished=False`.
+
+How it works (the numbered steps in `generate` follow this list)
+1. One static `KVCache` of `max_batch` slots, each max prompt length + max_new_tokens long (gpt-fast
+   style: preallocated, so the decode step has fixed shapes and `torch.compile` can take it).
+2. Admission: a free slot takes the next waiting row. Each prompt is prefilled once (batched with the
+   other prompts admitted at the same time, right-padded) and its keys/values are copied into the slots
+   of its samples; each sample draws its own first token from the shared prefill logits.
+3. Decode: every step all slots in use feed their last token; idle slots feed a dummy token at position
+   0 and their output is written to a spare output row that is thrown away.
+4. A row that stops frees its slot and the next waiting row takes it at once (continuous batching), so
+   long-tailed lengths do not leave the batch half empty while anything is still waiting.
+5. Once nothing waits, the running rows are packed into the front slots whenever they fit in half the
+   width, and the step runs on that many slots only (widths B, then powers of two: few distinct shapes).
+   Likewise attention reads only the cache prefix in use, rounded up to a multiple of 64 positions, not
+   the whole preallocated length. Both only skip work that is masked out anyway.
+
+Randomness: one `torch.Generator` per call, seeded with `seed`, draws a table u of shape
+(N, max_new_tokens) of uniforms on the CPU; token t of row i is drawn by inverse-CDF sampling with
+u[i, t]. So a row's randomness belongs to (seed, prompt, sample, step), not to the slot it ran in:
+the same seed gives the same rollout for any `max_batch`, on CPU or GPU, and "batched equals one at a
+time" holds in sampled mode too (up to float ties). One uniform per token keeps this cheap: a
+Gumbel-max draw would need V uniforms per token, per-row generators would need a Python loop per step.
+The table costs 4 bytes per possible token (1024 rows x 16k tokens = 64 MB), drawn once.
+
+Sampling distribution: logits in fp32 (also when the model runs in bf16), divided by the temperature,
+then top-k, then top-p on the renormalised top-k distribution (the smallest set of most likely tokens
+whose mass reaches top_p; the top token always stays). `logprobs` are the log-probs of the sampled
+tokens under exactly that distribution, which is what the trainer's importance ratio needs as the
+"old" policy. temperature=0 is greedy and its logprobs are those of the plain softmax.
+
+Simplifications: the model's logits are computed for every prompt position at prefill and only the last
+is used (prefill is chunked so that a chunk's logits stay under ~2^28 elements); attention over the
+cache is SDPA with a boolean mask, so it reads padding up to the rounded prefix length; one host sync
+per step checks whether any row stopped.
+"""
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from model import KVCache, Transformer
+
+PREFIX_ROUND = 64  # attend over the cache prefix rounded up to this many positions (few distinct shapes)
+PREFILL_LOGITS = 2**28  # max elements of one prefill chunk's (B, T, V) logits
+
+
+@dataclass
+class Rollout:
+    tokens: torch.Tensor  # (N, Lmax) long, completion tokens (EOS included), right-padded with pad_id
+    logprobs: torch.Tensor  # (N, Lmax) float32, log-prob of each sampled token (0 at padding)
+    lengths: torch.Tensor  # (N,) long, completion tokens per row (EOS counted)
+    finished: torch.Tensor  # (N,) bool, an EOS came within max_new_tokens
+    prompt_index: torch.Tensor  # (N,) long, row i continues prompts[prompt_index[i]] = i // n
+
+
+def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """One token per row by inverse-CDF sampling with the given uniforms.
+    logits (B, V) fp32, u (B,) in [0, 1) -> tokens (B,) long, logprobs (B,) fp32 under the sampling distribution."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    idx = None  # vocabulary ids of the columns of `logits` once it is sorted/truncated
+    if 0 < top_k < logits.size(-1):
+        logits, idx = logits.topk(top_k, dim=-1)  # (B, k), descending
+    if top_p < 1.0:
+        if idx is None:
+            logits, idx = logits.sort(dim=-1, descending=True)
+        p = logits.softmax(-1)
+        mass_before = p.cumsum(-1) - p  # exactly 0 for the top token, so it always stays
+        logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
+    logp = logits.log_softmax(-1)  # (B, K)
+    cdf = logp.exp().cumsum(-1)
+    j = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True)  # (B, 1): first column with cdf > u
+    # rounding can push u * total onto the last cdf value: clamp to the last token that has mass
+    last = (logp > float("-inf")).sum(-1, keepdim=True) - 1 if idx is not None else logits.size(-1) - 1
+    j = torch.minimum(j, torch.as_tensor(last, device=j.device))
+    tok = j if idx is None else idx.gather(-1, j)
+    return tok[:, 0], logp.gather(-1, j)[:, 0]
+
+
+def _decode(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    """One decode step: tok, pos (B, 1) -> next-token logits (B, V) fp32. The step `compile=True` compiles."""
+    S = cache.k.size(3)
+    mask = torch.arange(S, device=pos.device) <= pos[:, :, None]  # (B, 1, S): a row sees its own past
+    return model(tok, position_ids=pos, mask=mask[:, None], cache=cache)[:, -1].float()
+
+
+def _prefill(model: Transformer, prompts: list[list[int]], device, dtype):
+    """Run prompts through the model, in chunks of right-padded rows. Returns, per prompt, its keys and
+    values (n_layer, n_kv, len, hd) and its last-position logits (V,) in fp32."""
+    out = []
+    i = 0
+    while i < len(prompts):
+        T = max(len(p) for p in prompts[i:])  # longest remaining: chunks never under-estimate the padding
+        rows = max(1, PREFILL_LOGITS // (T * model.args.vocab_size))
+        chunk = prompts[i:i + rows]
+        T = max(len(p) for p in chunk)
+        ids = torch.tensor([p + [0] * (T - len(p)) for p in chunk], device=device)  # (B, T)
+        pos = torch.arange(T, device=device).expand(len(chunk), T)
+        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(len(chunk), 1, T, T)
+        cache = KVCache(model.args, len(chunk), T, device, dtype)
+        logits = model(ids, position_ids=pos, mask=mask, cache=cache)  # (B, T, V)
+        for b, p in enumerate(chunk):  # padding sits after each prompt's end, so causal attention ignores it
+            out.append((cache.k[:, b, :, :len(p)], cache.v[:, b, :, :len(p)], logits[b, len(p) - 1].float()))
+        i += len(chunk)
+    return out
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, top_k: int = 0, eos_ids=None, seed: int = 0, max_batch: int = 256,
+             compile: bool = False, pad_id: int = 0, progress: bool = False) -> Rollout:
+    """Sample n completions of at most max_new_tokens for each prompt (lists of token ids).
+    eos_ids: stop tokens, an int or a list; None means the model's `args.eos_token_id`, () never stops.
+    max_batch: number of cache slots (rows decoded together). compile: torch.compile the decode step."""
+    if n < 1 or max_new_tokens < 1 or not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs n >= 1, max_new_tokens >= 1 and non-empty prompts")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    eos_ids = model.args.eos_token_id if eos_ids is None else eos_ids
+    eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    was_training = model.training
+    model.eval()
+    step = torch.compile(_decode) if compile else _decode
+    N, L = len(prompts) * n, max_new_tokens
+    B = min(max_batch, N)
+    S = max(len(p) for p in prompts) + L
+
+    # 1. Static cache, outputs (with a spare row N that idle slots write into), the uniforms table.
+    cache = KVCache(model.args, B, S, device, dtype)
+    out_tok = torch.full((N + 1, L), pad_id, dtype=torch.long, device=device)
+    out_lp = torch.zeros(N + 1, L, device=device)
+    lengths = torch.zeros(N + 1, dtype=torch.long, device=device)
+    finished = torch.zeros(N + 1, dtype=torch.bool, device=device)
+    u = torch.rand(N + 1, L, generator=torch.Generator().manual_seed(seed)).to(device)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    row = torch.full((B,), N, dtype=torch.long, device=device)  # the row each slot serves; N = idle
+    count = torch.zeros(B, dtype=torch.long, device=device)  # tokens the slot's row has so far
+    pos = torch.zeros(B, dtype=torch.long, device=device)  # position (= cache index) of the slot's last token
+    tok = torch.zeros(B, dtype=torch.long, device=device)  # the slot's last token, fed at the next step
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=N, desc="rollout", unit="seq")
+
+    def take(slots, new_tok, new_lp, new_pos):
+        """Append one sampled token (at position new_pos) to the rows in `slots`; free the slots of rows
+        that stop (idle slots sit at count 0, position 0). Returns how many rows stopped."""
+        r, c = row[slots], count[slots]
+        out_tok[r, c], out_lp[r, c] = new_tok, new_lp
+        c = c + 1
+        hit = torch.isin(new_tok, eos)
+        stop = (hit | (c == L)) & (r < N)
+        lengths[r], finished[r] = c, hit
+        r = torch.where(stop, N, r)
+        row[slots], tok[slots] = r, new_tok
+        count[slots] = torch.where(r == N, 0, c)
+        pos[slots] = torch.where(r == N, 0, new_pos)
+        return int(stop.sum())
+
+    next_row, width, held = 0, B, {}  # held: prompt -> prefill (k, v, logits) while samples still wait
+    running, top = 0, 0  # rows in slots; an upper bound on the slots' largest position (host-side, no sync)
+    while True:
+        # 2. Admission: free slots take waiting rows; prompts are prefilled once, first tokens drawn.
+        while next_row < N and running < B:
+            free = (row == N).nonzero()[:, 0]
+            rows = torch.arange(next_row, min(N, next_row + len(free)), device=device)
+            slots = free[:len(rows)]
+            first, last = next_row // n, (next_row + len(rows) - 1) // n
+            need = [p for p in range(first, last + 1) if p not in held]
+            held.update(zip(need, _prefill(model, [prompts[p] for p in need], device, dtype)))
+            plen = torch.zeros_like(rows)
+            for p in range(first, last + 1):
+                k, v, _ = held[p]
+                mine = rows // n == p
+                cache.k[:, slots[mine], :, :k.size(2)] = k[:, None]  # (n_layer, m, n_kv, len, hd)
+                cache.v[:, slots[mine], :, :k.size(2)] = v[:, None]
+                plen[mine] = k.size(2)
+                top = max(top, k.size(2))
+            logits = torch.stack([held[p][2] for p in (rows // n).tolist()])  # (m, V)
+            row[slots] = rows
+            # the first token sits right after the prompt, at position len(prompt)
+            done = take(slots, *sample(logits, u[rows, 0], temperature, top_k, top_p), plen)
+            next_row += len(rows)
+            running += len(rows) - done
+            for p in range(first, last + (next_row % n == 0)):  # drop prompts whose samples are all in
+                del held[p]
+            if bar:
+                bar.update(done)
+        if running == 0:
+            break
+
+        # 5. Nothing waits and the rows fit in half the width: pack them into the front slots.
+        if next_row == N and running <= width // 2:
+            new_width = 1 << (running - 1).bit_length()  # next power of two >= running
+            busy = row[:width] < N
+            src = busy.nonzero()[:, 0]
+            src = src[src >= new_width]
+            dst = (~busy[:new_width]).nonzero()[:, 0][:len(src)]
+            for buf in (cache.k, cache.v):
+                buf[:, dst, :, :top + 1] = buf[:, src, :, :top + 1]
+            for t in (row, count, pos, tok):
+                t[dst] = t[src]
+            row[new_width:width] = N
+            width = new_width
+
+        # 3. Decode one token for every slot in use, attending over the used prefix of the cache.
+        s_len = min(S, -(-(top + 1) // PREFIX_ROUND) * PREFIX_ROUND)
+        view = copy.copy(cache)
+        view.k, view.v = cache.k[:, :width, :, :s_len], cache.v[:, :width, :, :s_len]
+        logits = step(model, tok[:width, None], pos[:width, None], view)  # (width, V)
+        # 4. Rows that stop free their slots; the next round of admission refills them.
+        slots = torch.arange(width, device=device)
+        done = take(slots, *sample(logits, u[row[:width], count[:width]], temperature, top_k, top_p),
+                    pos[:width] + 1)
+        running -= done
+        top += 1
+        if done:  # the longest row may have stopped: tighten the bound (one more host sync, rarely)
+            top = int(pos[:width].max())
+        if bar:
+            bar.update(done)
+
+    if bar:
+        bar.close()
+    model.train(was_training)
+    Lmax = int(lengths[:N].max())
+    return Rollout(tokens=out_tok[:N, :Lmax].cpu(), logprobs=out_lp[:N, :Lmax].cpu(), lengths=lengths[:N].cpu(),
+                   finished=finished[:N].cpu(), prompt_index=torch.arange(N) // n)
