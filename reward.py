@@ -12,21 +12,23 @@ How an answer is compared (each rule is pinned by a test in tests/test_reward.py
 2. Normalisation (strings only): \\dfrac/\\tfrac, \\left/\\right, spacing commands, $, \\text{} (a
    trailing \\text{...} is a unit and is dropped, a whole-answer \\text{...} is unwrapped), a short list
    of plain unit words, degrees, %, thousands separators, base subscripts (52_8 matches 52, not 42:
-   the problem asked for the digits), \approx and what follows, repeating decimals (1.\\overline{3} -> 4/3), \\frac12 -> \\frac{1}{2},
-   \\sin^{-1} -> \\arcsin, numpy names (np.arcsin) -> LaTeX, "(C)" -> "C".
+   the problem asked for the digits), \\approx and what follows, repeating decimals
+   (1.\\overline{3} -> 4/3), \\frac12 -> \\frac{1}{2}, \\sin^{-1} -> \\arcsin, numpy names
+   (np.arcsin) -> LaTeX, "(C)" -> "C", \\varnothing -> \\emptyset, \\mathbb{R} -> (-\\infty,\\infty).
 3. Structure: a bare list "a, b", a set \\{a, b\\} and a union A \\cup B are compared as multisets
    (order ignored); a ± in an element stands for both signs; "(..)"/"[..]" with a comma is a tuple
    or interval, compared in order with its brackets (open vs closed matters); a matrix is compared
    entry by entry (an n x 1 or 1 x n matrix equals the tuple of its entries); "x \\in S" is S;
-   "a < x <= b" is the interval (a, b]; "x = 5" is 5 when the left side is a name (x, f(x), m_{max},
-   \\dot{x}, dx/dt), the name itself is ignored; other equations match when both sides match, possibly
-   swapped, or when lhs - rhs agree up to sign.
+   "a < x <= b" is the interval (a, b]; "x = 5" is 5 when the left side is a name (x, f(x),
+   f^{-1}(x), m_{max}, \\dot{x}, dx/dt, (x, y)), the name itself is ignored; other equations match
+   when both sides match, possibly swapped, or when lhs - rhs agree up to sign.
 4. Leaves: plain numbers (integers, decimals, a/b, \\frac{a}{b}, mixed numbers, 1.5e3, 1.5 \\times
    10^{3}) are compared exactly as fractions, so a rounded decimal of an exact answer is wrong;
-   words (3+ letters) are compared as text; anything else is parsed by latex2sympy2_extended (a
-   maintained ANTLR LaTeX -> sympy parser; `i` is the imaginary unit; decimals become exact fractions)
-   and compared numerically at 30 digits with relative tolerance 1e-20, at four fixed points for its free symbols (a randomised
-   identity test; a difference that simplifies to 0 is the fallback when numbers can't be had).
+   words (3+ letters, and "no") are compared as text, case ignored; anything else is parsed by
+   latex2sympy2_extended (a maintained ANTLR LaTeX -> sympy parser; `i` is the imaginary unit,
+   \\gamma a variable, decimals exact fractions) and compared numerically at 30 digits with relative
+   tolerance 1e-20, at four fixed points for its free symbols (a randomised identity test); a
+   difference that simplifies to 0 is the fallback when numbers can't be had.
 
 The bound. The parent process never imports sympy: extraction, normalisation, string equality and
 exact numbers run here in microseconds, which is the common case in training. Anything needing sympy
@@ -35,15 +37,16 @@ own work with SIGALRM (it is single-threaded, so the alarm works there), and the
 thread, waits at most `timeout` seconds, then kills, reaps and restarts it (that answer is False).
 This holds in threads and under torchrun, where SIGALRM in the caller would not. One worker per
 concurrent caller, at most MAX_WORKERS (callers beyond that queue, and the wait is not counted),
-started on first need (its startup, ~1 s, is waited for once and not counted in the timeout); workers exit when their stdin closes and are killed at interpreter exit. Inputs are
-capped before any regex (texts at 1 MB, answers at 1,000 characters for structure and 400 for sympy,
-bracket depth 12, numbers 4,000 digits, exponents 400); past a cap only string equality decides.
+started on first need (its startup, ~1 s, is waited for once and not counted in the timeout);
+workers exit when their stdin closes and are killed at interpreter exit. Inputs are capped before
+any regex (texts at 1 MB, answers at 1,000 characters for structure and 400 for sympy, bracket
+depth 12, numbers 4,000 digits, exponents 400); past a cap only string equality decides.
 
-Simplifications: beyond 10^5000 two different spellings of an exact value are equal only if sympy
-simplifies their difference to 0 within the bound; bare comma lists are unordered (so an ordered triple written without brackets
-matches its permutations); proportional equations (2y = 4x vs y = 2x) do not match; percent and
-degree signs are dropped (62.5% matches 62.5, not 0.625; no degrees <-> radians); a numeric match
-at 30 digits is taken as proof (4 points for expressions with symbols).
+Simplifications: bare comma lists are unordered (so an ordered triple written without brackets
+matches its permutations); proportional equations (2y = 4x vs y = 2x) do not match; units,
+percent and degree signs are dropped (62.5% matches 62.5, not 0.625; no degrees <-> radians;
+cm^2 matches cm^3); a numeric match at 30 digits is taken as proof; beyond 10^5000 two spellings
+of an exact value are equal only if sympy simplifies their difference to 0 within the bound.
 """
 import atexit
 import json
@@ -126,8 +129,10 @@ _TEXT_CMD = r"\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|mathit|operatorn
 _FRAC_SQRT = re.compile(r"\\(frac|sqrt)(?![a-zA-Z])")
 
 
-def _fix_args(s):
-    """\\frac12 -> \\frac{1}{2}, \\frac{270}7 -> \\frac{270}{7}, \\sqrt3 -> \\sqrt{3}."""
+def _fix_args(s, depth=0):
+    """\\frac12 -> \\frac{1}{2}, \\frac{270}7 -> \\frac{270}{7}, \\sqrt3 -> \\sqrt{3}, also nested."""
+    if depth > MAX_DEPTH:
+        return s
     out, i = [], 0
     while True:
         m = _FRAC_SQRT.search(s, i)
@@ -150,7 +155,7 @@ def _fix_args(s):
                 body = _braced(s, i)
                 if body is None:
                     break
-                out.append("{" + body + "}")
+                out.append("{" + _fix_args(body, depth + 1) + "}")
                 i += len(body) + 2
             else:
                 tok = re.match(r"\\[a-zA-Z]+|.", s[i:i + 50]).group(0)
@@ -173,7 +178,7 @@ def normalize(s):
     for k, v in _UNICODE.items():
         s = s.replace(k, v)
     s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    s = re.sub(r",\s*\\!\s*(?=\d{3})", "", s)  # 10,\!080: unambiguously a thousands separator
+    s = re.sub(r",\s*\\!\s*(?=\d{3})|(?<=\d)\{,\}(?=\d{3})", "", s)  # 10,\!080 and 1{,}000: thousands
     s = re.sub(r"\\[dtc]frac", r"\\frac", s)
     s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![a-zA-Z])\.?", "", s)
     s = re.sub(r"\\(?:displaystyle|textstyle|quad|qquad)(?![a-zA-Z])|(?<!\\)\\[!,;: ]|~", " ", s)
@@ -190,6 +195,8 @@ def normalize(s):
                r"log|exp|sqrt|pi|infty)(?![a-zA-Z])", r"\\\1", s)
     s = re.sub(r"\\(sin|cos|tan)\s*\^\s*\{?\s*-1\s*\}?", r"\\arc\1", s)
     s = re.sub(r"\\(le|ge)q(?:slant)?(?![a-zA-Z])", r"\\\1", s)
+    s = re.sub(r"\\varnothing|\\\{\s*\\\}", r"\\emptyset", s)
+    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)")
     s = re.sub(r"\\approx.*", "", s)  # "\frac23 \approx 0.67": the exact value is the answer
     s = re.sub(r"\\(?:lt)(?![a-zA-Z])", "<", s)
     s = re.sub(r"\\(?:gt)(?![a-zA-Z])", ">", s)
@@ -210,8 +217,11 @@ def _key(s):
 # ---------------------------------------------------------------- 3. structure
 
 _OPEN, _CLOSE = "([{", ")]}"
-_NAME = (r"(?:[A-Za-z]|\\[a-zA-Z]+)(?:_\{[^{}]*\}|_[A-Za-z0-9])?(?:\([^()]*\))?'*"
+_NAME = (r"(?:[A-Za-z]|\\[a-zA-Z]+)(?:_\{[^{}]*\}|_[A-Za-z0-9])?(?:\^\{?-1\}?)?(?:\([^()]*\))?'*"
          r"|\\d?dot\{[A-Za-z]\}|\\frac\{d\s*[A-Za-z]?\}\{d\s*[A-Za-z]\}")
+
+
+_NAMES = r"\(\s*(?:%s)(?:\s*,\s*(?:%s))*\s*\)" % (_NAME, _NAME)  # (x, y) = (1, 2)
 
 
 def _depth(s):
@@ -302,7 +312,7 @@ def _elements(s):
         e = re.sub(r"^(?:" + _NAME + r")\s*\\in\s*", "", e)
         e = _inequality(e)
         sides = _split(e, ["="])
-        if len(sides) == 2 and re.fullmatch(_NAME, sides[0]):
+        if len(sides) == 2 and (re.fullmatch(_NAME, sides[0]) or re.fullmatch(_NAMES, sides[0])):
             e = sides[1]
         signs = re.findall(r"\\pm|\\mp", e)
         if 0 < len(signs) <= 4:
@@ -401,7 +411,7 @@ def _number(s):
 
 
 def _is_word(s):
-    return re.fullmatch(r"[A-Za-z][A-Za-z ]{2,}", s) is not None
+    return re.fullmatch(r"[A-Za-z][A-Za-z ]{2,}|[Nn][Oo]", s) is not None  # not "mn": a product
 
 
 class _NeedSympy(Exception):
@@ -460,7 +470,8 @@ def _parse(s):
     # \gamma in an answer is a variable (a Lorentz factor, an angle), not Euler's constant
     s = re.sub(r"\\gamma(?![a-zA-Z])", r"\\mathit{gamma}", s)
     # decimals as exact fractions, so that a rounded decimal never passes for an exact value
-    s = re.sub(r"(\d*)\.(\d+)", lambda m: "\\frac{%s}{1%s}" % (m.group(1) + m.group(2), "0" * len(m.group(2))), s)
+    s = re.sub(r"(\d*)\.(\d+)",
+               lambda m: "\\frac{%s}{1%s}" % (m.group(1) + m.group(2), "0" * len(m.group(2))), s)
     try:
         e = latex2sympy(s, normalization_config=None,
                         conversion_config=ConversionConfig(lowercase_symbols=False))
@@ -476,7 +487,7 @@ def _expr_equal(x, y):
     import sympy
     syms = sorted(x.free_symbols | y.free_symbols, key=str)
     # positive points of different sizes, so floor(m/2) and floor(m/3) part; distinct per symbol
-    scales = [sympy.Rational(13, 11), sympy.Rational(37, 7), sympy.Rational(101, 9), sympy.Rational(257, 13)]
+    scales = [sympy.Rational(n, d) for n, d in ((13, 11), (37, 7), (101, 9), (257, 13))]
     points = [{s: scales[k] + sympy.Rational(j, 7) for j, s in enumerate(syms)}
               for k in range(len(scales) if syms else 1)]
     seen = 0
@@ -487,7 +498,7 @@ def _expr_equal(x, y):
             continue
         if not (u.is_number and v.is_number):
             continue
-        if u.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan) or v.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan):
+        if any(w.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan) for w in (u, v)):
             if syms:
                 continue  # a pole of one point says nothing
             return u == v

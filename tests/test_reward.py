@@ -42,6 +42,11 @@ RULES = [
     ("\\frac 59", "\\frac{5}{9}", True),                   # \frac59 without braces
     ("\\frac{270}7", "\\frac{270}{7}", True),
     ("\\sqrt3", "\\sqrt{3}", True),
+    ("\\frac{\\sqrt3}2", "\\frac{\\sqrt{3}}{2}", True),        # ... also nested
+    ("1{,}000", "1000", True),                             # {,} is a thousands separator
+    ("\\varnothing", "\\emptyset", True),
+    ("\\mathbb{R}", "(-\\infty,\\infty)", True),
+    ("\\text{no}", "\\text{No}", True),                    # words: case ignored
     ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),  # \left / \right
     ("10,\\!080", "10080", True),                          # ,\! is a thousands separator
     ("32,348", "32348", True),                             # so is a comma in a whole number
@@ -111,6 +116,8 @@ RULES = [
     ("\\begin{bmatrix} 0 & -1 \\\\ -1 & 0 \\end{bmatrix}", "\\begin{pmatrix} -1 & 0 \\\\ 0 & -1 \\end{pmatrix}", False),
     ("5", "x=5", True),                                    # a named value is its value
     ("f(x) = x", "f(x)=2 x", False),
+    ("f^{-1}(x) = \\frac{x-1}{2}", "\\frac{x-1}{2}", True),
+    ("(1, -1)", "(x, y) = (1, -1)", True),                 # a tuple of names is a name
     ("\\dot{x}=kx-a", "\\frac{d x}{d t}=k x-a", True),
     ("SRMC=MR", "MR=SRMC", True),                          # equations: sides may swap
     ("2x - y + 3 = 0", "y = 2x + 3", False),               # a name on the left is a value ...
