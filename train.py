@@ -264,7 +264,7 @@ class Dist:
             return x
         x = x.to(self.device)
         out = torch.empty((self.world * x.size(0), *x.shape[1:]), dtype=x.dtype, device=self.device)
-        dist.all_gather_into_tensor(out, x)
+        dist.all_gather_single(out, x)
         return out.cpu()
 
 

@@ -28,7 +28,7 @@ import train  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789 .,'?{}\\$=+-*")
+CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,'?!{}()<>/\\$=+-*")
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -37,7 +37,7 @@ def make_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
     vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character (spaces are dropped)
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
@@ -82,9 +82,26 @@ def _recording_generate(out_dir: str):
     return gen
 
 
+def unshard_check(root):
+    """Under torchrun: rank r decodes 3 + 6r tokens through the FSDP model inside train.unsharded, then
+    all ranks take a training step. Without `unsharded` the rank that stops first would leave the
+    other waiting forever in an all-gather; here every rank must print its line."""
+    cfg = train.Config(device="cpu")
+    d = train.setup_distributed(cfg)
+    model = train.load_model(Path(root) / "base", d, trainable=True)
+    with train.unsharded(model), torch.no_grad():
+        ro = train.generate(model, [[4, 10, 11, 5]], n=2, max_new_tokens=3 + 6 * d.rank, eos_ids=(), seed=d.rank)
+    model(torch.tensor([[4, 10, 11, 5]])).sum().backward()
+    torch.distributed.barrier()
+    print(f"rank {d.rank} decoded {int(ro.lengths.max())} tokens", flush=True)
+    torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--build":
         print(make_tiny(sys.argv[2]))
+    elif sys.argv[1] == "--unshard-check":
+        unshard_check(sys.argv[2])
     else:
         cfg = train.load_config(sys.argv[1], sys.argv[2:])
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,258 @@
+"""train.py: the GRPO loss and its pieces against hand computation, the config rules, a short run that
+must raise a toy reward, and (slow) FSDP on 2 CPU processes and resume after a real SIGKILL.
+
+The runs use tests/tiny_run.py: a random 2-layer model with a character tokenizer and the reward
+"1 if EOS came within the limit" (ThinkPrune's cutoff without the answer check)."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import reward
+import train
+from tiny_run import finish_reward, make_tiny
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = str(ROOT / "configs" / "tiny.py")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_cfg(tiny, out_dir, *overrides):
+    model, data = tiny
+    return train.load_config(TINY, [f"--model={model}", f"--train_data={data}", f"--out_dir={out_dir}", *overrides])
+
+
+# ---- the loss ----------------------------------------------------------------------------------------
+
+def test_loss_matches_hand_computation():
+    """Clipped surrogate, k3 KL added to the loss, entropy bonus, divided by the token count."""
+    logp = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    old = logp - torch.log(torch.tensor([[1.0, 1.5, 0.5], [1.5, 0.5, 1.0]]))  # ratios as written
+    ref = logp + torch.tensor([[0.0, math.log(2), 0.0], [0.0, 0.0, math.log(2)]])
+    entropy = torch.ones(2, 3)
+    adv = torch.tensor([1.0, -2.0])
+    mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])  # row 1's last position is padding
+    loss, kl, ent = train.grpo_loss(logp, old, ref, entropy, adv, mask, n_tokens=5, clip_eps=0.2,
+                                    kl_coef=0.1, entropy_coef=0.01)
+    # row 0 (A=+1): r=1 -> -1; r=1.5 clipped to 1.2 -> -1.2; r=0.5 -> -min(0.5, 0.8) = -0.5
+    # row 1 (A=-2): r=1.5 -> -min(-3, -2.4) = 3; r=0.5 -> -min(-1, -1.6) = 1.6; masked token ignored
+    pg = -1 - 1.2 - 0.5 + 3 + 1.6
+    k3 = 2 - math.log(2) - 1  # exp(log 2) - log 2 - 1, once among the unmasked tokens
+    expected = (pg + 0.1 * k3 - 0.01 * 5) / 5
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert kl.item() == pytest.approx(k3, abs=1e-6) and ent.item() == pytest.approx(5.0)
+
+
+def test_unfinished_completion_gets_zero_reward_and_negative_advantage():
+    """The same right answer scores 1 when finished and 0 when cut off; in a mixed group the cut-off
+    one is pushed down. A group with all-equal rewards is flagged as carrying no signal."""
+    text = "so the answer is \\boxed{42}"
+    rewards = torch.tensor([[reward.score(text, "42", True), reward.score(text, "42", False),
+                             reward.score(text, "42", True), reward.score("\\boxed{41}", "42", True)],
+                            [0.0, 0.0, 0.0, 0.0]])
+    assert rewards[0].tolist() == [1.0, 0.0, 1.0, 0.0]
+    adv, zero_var = train.group_advantages(rewards, std_normalize=True, eps=1e-6)
+    assert adv[0, 1] < 0 < adv[0, 0]
+    assert adv[0].tolist() == pytest.approx([0.866, -0.866, 0.866, -0.866], abs=1e-3)  # unbiased std 0.577
+    assert zero_var.tolist() == [False, True] and adv[1].abs().sum() == 0
+    adv_plain, _ = train.group_advantages(rewards, std_normalize=False, eps=1e-6)
+    assert adv_plain[0].tolist() == [0.5, -0.5, 0.5, -0.5]
+
+
+def test_kl_gradient_pulls_toward_reference():
+    """With no advantage, gradient descent on the loss moves the policy's log-probs toward the
+    reference's, from above and from below (the official ThinkPrune code had this sign wrong)."""
+    for gap in (+1.0, -1.0):
+        logits = torch.zeros(1, 1, 5, requires_grad=True)
+        ref_logits = torch.zeros(1, 1, 5)
+        ref_logits[..., 0] = gap  # reference likes token 0 more (gap>0) or less (gap<0) than the policy
+        target = torch.zeros(1, 1, dtype=torch.long)
+        opt = torch.optim.SGD([logits], lr=0.5)
+        dist_before = None
+        for _ in range(5):
+            logp, ent = train.token_logprobs(logits, target, 1.0, 16, False)
+            ref_logp, _ = train.token_logprobs(ref_logits, target, 1.0, 16, False)
+            loss, _, _ = train.grpo_loss(logp, logp.detach(), ref_logp, ent, torch.zeros(1), torch.ones(1, 1),
+                                         1, 0.2, kl_coef=1.0, entropy_coef=0.0)
+            gap_now = (ref_logp - logp).item()
+            assert dist_before is None or abs(gap_now) < dist_before
+            dist_before = abs(gap_now)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def test_chunked_logprobs_match_plain_log_softmax():
+    """Chunked, checkpointed fp32 log-probs at temperature T equal log_softmax(logits / T) gathered,
+    in value and in gradient; entropies equal the entropies of softmax(logits / T)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    targets = torch.randint(0, 7, (2, 5))
+    logp, ent = train.token_logprobs(logits, targets, temperature=0.7, chunk=3, entropy_grad=True)
+    ref_lp = F.log_softmax(logits / 0.7, -1)
+    ref = ref_lp.gather(-1, targets[..., None])[..., 0]
+    assert torch.allclose(logp, ref, atol=1e-6)
+    assert torch.allclose(ent, -(ref_lp.exp() * ref_lp).sum(-1), atol=1e-5)
+    g1, = torch.autograd.grad((logp * torch.arange(10.).view(2, 5)).sum(), logits)
+    g2, = torch.autograd.grad((ref * torch.arange(10.).view(2, 5)).sum(), logits)
+    assert torch.allclose(g1, g2, atol=1e-6)
+
+
+# ---- config and data order ---------------------------------------------------------------------------
+
+def test_config_file_then_overrides(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("import math\nlimit = 3000  # comment\nlr = 1\nwandb = True\n")
+    cfg = train.load_config(str(f), ["--lr=2e-6", "--tensorboard=1", "--wandb=false", "--system_prompt=a=b {L}"])
+    assert (cfg.limit, cfg.lr, cfg.tensorboard, cfg.wandb) == (3000, 2e-6, True, False)
+    assert isinstance(cfg.lr, float) and cfg.system_prompt == "a=b {L}"  # split on the first '='
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("limt = 3\n", [], "unknown config key 'limt'"),
+    ("limit = '3'\n", [], "limit = '3' should be a int"),
+    ("kl_coef = True\n", [], "kl_coef = True should be a float"),
+    ("", ["--steps=ten"], "--steps=ten: expected int"),
+    ("", ["--wandb=yes"], "--wandb=yes: expected true/false/1/0"),
+    ("", ["--nope=1"], "--nope: unknown config key"),
+    ("", ["steps=1"], "overrides are --key=value"),
+])
+def test_config_errors_name_the_key(tmp_path, text, overrides, message):
+    f = tmp_path / "c.py"
+    f.write_text(text)
+    with pytest.raises(ValueError) as e:
+        train.load_config(str(f), overrides)
+    assert message in str(e.value)
+    if text:
+        assert str(f) in str(e.value)
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    steps = [train.batch_indices(10, 4, seed=3, step=s) for s in range(5)]  # 20 = two epochs
+    flat = sum(steps, [])
+    assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
+    assert flat[:10] != flat[10:]  # a new permutation per epoch
+    assert train.batch_indices(10, 4, seed=3, step=3) == steps[3]  # a pure function of (seed, step)
+
+
+# ---- runs --------------------------------------------------------------------------------------------
+
+def test_short_run_raises_the_reward_and_writes_what_users_see(tiny, tmp_path):
+    """12 steps on the tiny model: the cutoff reward must rise (the model learns to stop within L).
+    Also checks the metrics lines, samples file, HF checkpoints (keep_last) and their trainer state."""
+    cfg = tiny_cfg(tiny, tmp_path / "run", "--steps=12", "--save_every=4", "--sample_every=3")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: threads only contend with each other on a shared machine
+    try:
+        out = Path(train.main(cfg, reward_fn=finish_reward))
+    finally:
+        torch.set_num_threads(threads)
+    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == list(range(1, 13))
+    for key in ("reward", "accuracy", "mean_len", "p90_len", "truncation_rate", "entropy", "kl", "grad_norm",
+                "zero_var_groups", "tokens_per_s", "rollout_s", "update_s", "lr", "limit"):
+        assert key in lines[0]
+    first, last = [m["reward"] for m in lines[:3]], [m["reward"] for m in lines[-3:]]
+    assert sum(last) / 3 > sum(first) / 3 + 0.15, (first, last)
+    assert lines[-1]["truncation_rate"] < lines[0]["truncation_rate"]
+    assert (out / "samples.txt").read_text().count("=== step") == 4 * cfg.num_samples
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_000008", "step_000012"]  # keep_last=2
+    from transformers import AutoTokenizer
+    from model import Transformer
+    ckpt = out / "step_000012"
+    Transformer.from_pretrained(ckpt)
+    AutoTokenizer.from_pretrained(ckpt)
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+    assert state["step"] == 12 and state["config"]["limit"] == cfg.limit and state["optimizer"]["state"]
+
+
+def _params(ckpt):
+    return load_file(str(Path(ckpt) / "model.safetensors"))
+
+
+def _run(args, **kw):
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "tiny_run.py"), *args], env=ENV, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, **kw)
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one_process(tiny, tmp_path):
+    """torchrun with 2 CPU ranks (gloo, FSDP2) ends 2 steps with the same parameters as one process.
+    "Same data": seed_per_prompt seeds each prompt's sampling by its global index, so the rollouts do not
+    depend on how prompts are split over ranks. Also: rollouts on ranks that stop at different lengths
+    do not deadlock (rank 1 decodes more tokens than rank 0 through the FSDP model)."""
+    model, data = tiny
+    args = [TINY, f"--model={model}", f"--train_data={data}", "--steps=2", "--seed_per_prompt=true"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    two = subprocess.run([*torchrun, str(ROOT / "tests" / "tiny_run.py"), *args, f"--out_dir={tmp_path / 'two'}"],
+                         env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = _run([*args, f"--out_dir={tmp_path / 'one'}"])
+    assert one.returncode == 0, one.stderr[-3000:]
+    p1, p2 = _params(tmp_path / "one" / "step_000002"), _params(tmp_path / "two" / "step_000002")
+    p0 = _params(model)
+    for k in p1:
+        assert (p1[k] - p0[k]).abs().max() > 1e-4 or k.endswith("bias"), f"{k} did not train"
+        torch.testing.assert_close(p2[k], p1[k], atol=1e-5, rtol=1e-4)
+    m1 = (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    m2 = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["reward"] for x in m1] == [json.loads(x)["reward"] for x in m2]
+
+    check = subprocess.run([*torchrun, str(ROOT / "tests" / "tiny_run.py"), "--unshard-check", str(Path(model).parent)],
+                           env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=90)
+    assert check.returncode == 0, check.stderr[-3000:]
+    assert "rank 0 decoded 3 tokens" in check.stdout and "rank 1 decoded 9 tokens" in check.stdout
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_continues_where_it_stopped(tiny, tmp_path):
+    """Kill a run with SIGKILL after its step-2 checkpoint exists, rerun the same command: it resumes
+    from the newest complete checkpoint, metrics.jsonl has each step once, and steps, rewards (so the
+    data order and rollouts) and final parameters equal those of an uninterrupted run."""
+    model, data = tiny
+    args = [TINY, f"--model={model}", f"--train_data={data}", "--steps=8", "--save_every=2", "--keep_last=3"]
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "tests" / "tiny_run.py"), *args, f"--out_dir={killed}"]
+    proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 90
+    while not (killed / "step_000002" / "trainer_state.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    saved = train.latest_checkpoint(killed)
+    step_saved = int(saved.name.split("_")[1])
+    assert step_saved < 8, "killed too late to test a resume"
+    lines_before = len((killed / "metrics.jsonl").read_text().splitlines())
+
+    again = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {saved} (step {step_saved})" in again.stdout
+    straight = _run([*args, f"--out_dir={tmp_path / 'straight'}"])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    resumed = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in resumed] == list(range(1, 9)), f"{lines_before} lines before the resume"
+    for a, b in zip(resumed, ref):
+        assert (a["reward"], a["mean_len"]) == (b["reward"], b["mean_len"]), a["step"]
+    p_resumed, p_ref = _params(killed / "step_000008"), _params(tmp_path / "straight" / "step_000008")
+    for k in p_ref:
+        torch.testing.assert_close(p_resumed[k], p_ref[k], atol=1e-6, rtol=1e-5)
+    shutil.rmtree(tmp_path, ignore_errors=True)
