@@ -1,0 +1,179 @@
+"""schedule.py: the selection rule on constructed numbers, the config loader, a two-stage schedule of a
+tiny random model end to end on CPU, and resume after a real SIGKILL inside a stage and between stages."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+import schedule
+import train
+from test_eval import save_random_model
+
+REPO = Path(schedule.__file__).resolve().parent
+
+
+def cand(step, acc, length):
+    return {"step": step, "accuracy": acc, "mean_length": length, "path": f"step_{step:06d}"}
+
+
+# ---- the rule --------------------------------------------------------------------------------------
+
+def test_select_takes_the_shortest_of_those_within_tolerance():
+    c, why = schedule.select([cand(10, 0.50, 900), cand(20, 0.46, 700), cand(30, 0.40, 500)], 0.5, 0.10)
+    assert c["step"] == 20  # 0.40 < 0.45 is out although shortest; 0.46 is in
+    assert "2 of 3" in why and "shortest" in why
+
+
+def test_select_accuracy_exactly_at_the_bar_qualifies():
+    # 0.9 * 20/30 is 0.6000000000000001 in floats; 18/30 = 0.6 must still count as within 10%
+    c, _ = schedule.select([cand(10, 18 / 30, 300), cand(20, 20 / 30, 600)], 20 / 30, 0.10)
+    assert c["step"] == 10
+
+
+def test_select_none_qualifying_falls_back_to_the_most_accurate_and_says_so():
+    c, why = schedule.select([cand(10, 0.5, 900), cand(20, 0.6, 800), cand(30, 0.6, 700), cand(40, 0.2, 100)],
+                             0.8, 0.10)
+    assert c["step"] == 30  # most accurate; tie on accuracy -> shorter
+    assert why.startswith("none of the 4") and "most accurate" in why
+
+
+def test_select_length_ties_go_to_higher_accuracy_then_earlier_step():
+    c, _ = schedule.select([cand(10, 0.50, 700), cand(30, 0.55, 700), cand(20, 0.55, 700), cand(5, 0.9, 800)],
+                           0.5, 0.10)
+    assert c["step"] == 20
+
+
+def test_select_with_a_zero_accuracy_original_everything_qualifies():
+    c, _ = schedule.select([cand(2, 0.0, 30), cand(4, 0.0, 20)], 0.0, 0.10)
+    assert c["step"] == 4
+
+
+def test_select_refuses_an_empty_stage():
+    with pytest.raises(ValueError, match="no checkpoints"):
+        schedule.select([], 0.5, 0.1)
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+def test_config_files_load_and_bad_keys_are_named(tmp_path):
+    cfg = schedule.load_schedule_config(str(REPO / "configs/thinkprune.py"), [])
+    assert [s["limit"] for s in cfg.stages] == [4000, 3000, 2000] and cfg.tolerance == 0.10
+    assert cfg.val_data == "aime_val" and (cfg.temperature, cfg.top_p, cfg.val_max_new_tokens) == (0.6, 0.95, 32000)
+    cfg = schedule.load_schedule_config(str(REPO / "configs/tiny_schedule.py"), ["--out_dir=x", "--budgets=[3]"])
+    assert cfg.out_dir == "x" and cfg.budgets == [3]
+    bad = tmp_path / "bad.py"
+    for text, key in [("stagez = []", "stagez"), ("stages = [dict(limit=1, steps=1, lrr=2)]", "lrr"),
+                      ("train = dict(model='m')", "model"), ("stages = [dict(steps=3)]", "limit")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=key):
+            schedule.load_schedule_config(str(bad), [])
+    with pytest.raises(ValueError, match="nope"):
+        schedule.load_schedule_config(None, ["--nope=1"])
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+def tiny_setup(root: Path) -> list[str]:
+    """A random tiny model + problems; the overrides that point configs/tiny_schedule.py at them."""
+    base = save_random_model(root / "base")
+    problems = root / "problems.jsonl"
+    problems.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"{i}+{i}", "answer": str(2 * i)}) + "\n"
+                                for i in range(12)))
+    tcfg = schedule.load_schedule_config(str(REPO / "configs/tiny_schedule.py"), []).train
+    return [f"--model={base}", f"--out_dir={root / 'run'}", f"--val_data={problems}",
+            "--train=" + json.dumps({**tcfg, "train_data": str(problems)})]
+
+
+def stop_reward(text, gold, finished):
+    """Reward for stopping within the limit: gives the random model a signal to shorten (the real
+    reward is always 0 for it, and GRPO would skip every group)."""
+    return float(finished)
+
+
+@pytest.mark.slow
+def test_two_stage_schedule_end_to_end(tmp_path):
+    cfg = schedule.load_schedule_config(str(REPO / "configs/tiny_schedule.py"), tiny_setup(tmp_path))
+    state = schedule.run_schedule(cfg, train_fn=partial(train.main, reward_fn=stop_reward))
+    out = Path(cfg.out_dir)
+    assert json.loads((out / "schedule.json").read_text()) == json.loads(json.dumps(state))
+    s1, s2 = state["stages"]
+    assert s1["start"] == cfg.model and s2["start"] == s1["selected"]["path"]  # stage 2 from stage 1's pick
+    for st, limit in ((s1, 16), (s2, 12)):
+        assert st["limit"] == limit and sorted(st["evals"]) == ["step_000002", "step_000004"]  # every checkpoint
+        cands = [{"step": int(k[5:]), "path": e["path"], "accuracy": e["accuracy"], "mean_length": e["mean_length"]}
+                 for k, e in st["evals"].items()]
+        assert (st["selected"], st["reason"]) == schedule.select(cands, state["base"]["accuracy"], 0.10)
+        metrics = [json.loads(x) for x in (Path(st["out_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2, 3, 4] and {m["limit"] for m in metrics} == {limit}
+    assert [p["budget"] for p in state["budget_forcing"]] == [4, 8]
+    assert all(p["forced_rate"] > 0 for p in state["budget_forcing"])
+    assert state["base"]["n_completions"] == 6 * 2
+    report = (out / "report.md").read_text()
+    assert "| 2 | 12 | " in report and "Why: " in report and "## Budget forcing" in report
+    for png in ("stages.png", "training.png", "acc_vs_length.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "evals" / "base.jsonl").read_text().splitlines()) == 12
+
+
+def run_cli(args, kill_when=None, timeout=85):
+    """python schedule.py ...; with kill_when (a function of nothing), SIGKILL it as soon as that holds."""
+    p = subprocess.Popen([sys.executable, "schedule.py", str(REPO / "configs/tiny_schedule.py"), *args], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    if kill_when is None:
+        out, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, out
+        return out
+    t0 = time.time()
+    while not kill_when():
+        assert p.poll() is None, p.stdout.read()
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    return p.stdout.read()
+
+
+def state_of(run: Path) -> dict:
+    try:
+        return json.loads((run / "schedule.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+@pytest.mark.slow
+def test_resume_after_kill_inside_a_stage(tmp_path):
+    args = tiny_setup(tmp_path) + ["--budgets=[]"]
+    run = tmp_path / "run"
+    run_cli(args, kill_when=lambda: (run / "stage1" / "step_000002" / "trainer_state.pt").is_file())
+    state = state_of(run)
+    assert state["base"] is not None and not state["stages"][0]["trained"]
+    out = run_cli(args)
+    assert "resuming from" in out and "stage1/step_000002" in out  # train.main picked up the checkpoint
+    assert "[schedule] base:" not in out  # the original model's validation was not redone
+    metrics = [json.loads(x) for x in (run / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    state = state_of(run)
+    assert [st["selected"] is not None for st in state["stages"]] == [True, True]
+    assert sorted(state["stages"][0]["evals"]) == ["step_000002", "step_000004"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_between_stages(tmp_path):
+    args = tiny_setup(tmp_path) + ["--budgets=[]"]
+    run = tmp_path / "run"
+    run_cli(args, kill_when=lambda: (state_of(run).get("stages") or [{}])[0].get("selected") is not None)
+    first = state_of(run)["stages"][0]
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "stage1").rglob("*")}
+    out = run_cli(args)
+    assert "[schedule] stage1_" not in out and "[schedule] base:" not in out  # nothing of stage 1 redone
+    assert {p: p.stat().st_mtime_ns for p in (run / "stage1").rglob("*")} == stamps
+    state = state_of(run)
+    assert state["stages"][0] == first and state["stages"][1]["start"] == first["selected"]["path"]
+    assert state["stages"][1]["selected"] is not None and (run / "report.md").is_file()
