@@ -3,7 +3,7 @@
 model = "runs/tiny/base"
 train_data = "runs/tiny/problems.jsonl"
 out_dir = "runs/tiny/train"
-limit = 16  # a random model over 86 tokens emits EOS within 16 tokens ~17% of the time
+limit = 16  # a random model over 87 tokens emits EOS within 16 tokens ~17% of the time
 prompts_per_step = 4
 samples_per_prompt = 8
 steps = 6

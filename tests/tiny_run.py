@@ -28,7 +28,7 @@ import train  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,'?!{}()<>/\\$=+-*")
+CHARS = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 .,'?!{}()<>/\\$=+-*")
 TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<eos>{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -37,7 +37,7 @@ def make_tokenizer(path: Path):
     from transformers import PreTrainedTokenizerFast
     vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character (spaces are dropped)
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")  # one token per character
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
