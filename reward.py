@@ -197,7 +197,8 @@ def normalize(s):
     s = re.sub(r"\\(le|ge)q(?:slant)?(?![a-zA-Z])", r"\\\1", s)
     s = re.sub(r"\\varnothing|\\\{\s*\\\}", r"\\emptyset", s)
     s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)")
-    s = re.sub(r"\\approx.*", "", s)  # "\frac23 \approx 0.67": the exact value is the answer
+    s = re.sub(r"(?<=\S)\s*\\approx.*", "", s)  # "\frac23 \approx 0.67": the exact value is the answer
+    s = re.sub(r"^\s*\\approx", "", s)  # "\approx 8.24": there is no exact value
     s = re.sub(r"\\(?:lt)(?![a-zA-Z])", "<", s)
     s = re.sub(r"\\(?:gt)(?![a-zA-Z])", ">", s)
     s = _fix_args(s)

@@ -1,6 +1,6 @@
 """Benchmark of reward.py against math-verify: agreement with human verdicts, and speed. One JSON line.
 
-    python bench/reward.py            # ~2-4 min on 2 cores, most of it math-verify's self-match pass
+    python bench/reward.py            # ~2-5 min on 2 cores, most of it math-verify's self-match pass
 
 What it measures, for ours (reward.score) and for math-verify 0.9.0:
 1. agreement with the `expected` verdicts of shared/data/grader_cases.jsonl, per category and overall;
@@ -12,7 +12,8 @@ What it measures, for ours (reward.score) and for math-verify 0.9.0:
 3. self-match: every distinct gold of shared/data/*.jsonl against itself and against LaTeX
    re-spellings of itself (\\dfrac, \\left( \\right), spacing, \\frac12-style, thousands separators,
    and inside a completion's \\boxed{}): a checker that rejects a benchmark's own answer silently
-   lowers accuracy. Failures are listed on stderr.
+   lowers accuracy; and, the other way, each gold with its last digit changed (d -> d+1 mod 10),
+   which should be rejected. Failures are listed on stderr.
 
 math-verify's pins must not enter our environment, so it lives in its own venv (MV_VENV, default
 /tmp/mv-venv), created here on first run with pip, and is called in a subprocess that reads JSON.
@@ -98,16 +99,26 @@ def respellings(g):
     return out
 
 
+def perturbed(g):
+    """g with its last digit changed: a different answer (bar units' exponents and \\approx tails)."""
+    m = list(re.finditer(r"\d", g))
+    if not m:
+        return None
+    i = m[-1].start()
+    return g[:i] + str((int(g[i]) + 1) % 10) + g[i + 1:]
+
+
 def self_match(check):
-    """Distinct golds of every data file: (number, failures against themselves, against re-spellings)."""
+    """Distinct golds of every data file: (number, the wrong verdicts by kind of pair)."""
     golds = sorted({json.loads(line)["answer"] for f in sorted(DATA.glob("*.jsonl"))
                     if f.name != "grader_cases.jsonl" for line in f.open()})
-    pairs = [(g, g, "itself") for g in golds] + \
-        [(g, v, kind) for g in golds for kind, v in respellings(g).items()]
-    verdicts = check([(g, v) for g, v, _ in pairs])
+    pairs = [(g, g, "itself", True) for g in golds] + \
+        [(g, v, kind, True) for g in golds for kind, v in respellings(g).items()] + \
+        [(g, perturbed(g), "perturbed (accepted)", False) for g in golds if perturbed(g)]
+    verdicts = check([(g, v) for g, v, _, _ in pairs])
     fails = defaultdict(list)
-    for (g, v, kind), ok in zip(pairs, verdicts):
-        if not ok:
+    for (g, v, kind, expected), ok in zip(pairs, verdicts):
+        if ok != expected:
             fails[kind].append((g, v))
     return len(golds), fails
 

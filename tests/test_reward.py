@@ -82,6 +82,7 @@ RULES = [
     ("2^{1009}+1", "2^{1009}", False),                    # a relative tolerance is not enough
     ("\\frac{1}{2^{99}}", "\\frac{1}{2^{98}}", False),       # ... nor an absolute one
     ("\\frac23", "\\$\\dfrac23 \\approx \\$0.67", True),    # the exact value before \approx
+    ("8.24", "\\approx 8.24 \\text{ mph}", True),             # ... or the approximation alone
     ("12_6", "12_5", False),                               # two bases must agree
     # symbolic
     ("\\sqrt{117}", "3\\sqrt{13}", True),
