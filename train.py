@@ -34,7 +34,8 @@ gradient reduction on GPU). The loss is a sum over completion tokens divided by 
 of completion tokens, times world_size because FSDP averages gradients over ranks. Every rank runs
 the same number of micro-batches (ranks short of rows run zero-weight dummy rows), so the collectives
 of forward and backward always pair up. Reward and length metrics are gathered from all ranks.
-One process on a GPU keeps fp32 weights and runs forward passes under bf16 autocast.
+One process on a GPU runs in fp32 (TF32 matmuls): bf16 autocast would make the rollout's KV cache and
+the trained forward disagree in dtype; real runs use torchrun, where FSDP's policy gives bf16.
 
 Checkpoints: `{out_dir}/step_{step:06d}/` is an HF checkpoint dir (model.py's format: config.json,
 model.safetensors, tokenizer files; loadable by transformers and vLLM) plus `trainer_state.pt`
@@ -223,18 +224,19 @@ def _chunk_logprobs(logits, targets, temperature: float, entropy_grad: bool):
 
 def token_logprobs(logits, targets, temperature: float, chunk: int, entropy_grad: bool):
     """logits (B, T, V) in the model dtype, targets (B, T) -> log-probs and entropies (B, T) in fp32,
-    at the rollout temperature (so the importance ratio starts at 1). The fp32 log-softmax runs a chunk
-    of positions at a time under activation checkpointing: backward recomputes it from the model-dtype
-    logits, so no (B, T, V) fp32 tensor is ever held."""
+    at the rollout temperature (so the importance ratio starts at 1). The fp32 log-softmax runs on
+    `chunk` positions of one row at a time under activation checkpointing: backward recomputes it from
+    the model-dtype logits, so no (B, T, V) fp32 tensor is ever held. `logits` may be a view."""
     B, T, V = logits.shape
-    flat, tgt = logits.reshape(B * T, V), targets.reshape(B * T)  # (B*T, V), (B*T,)
     fn = partial(_chunk_logprobs, temperature=temperature, entropy_grad=entropy_grad)
-    out = []
-    for s in range(0, B * T, chunk):
-        args = (flat[s:s + chunk], tgt[s:s + chunk])
-        out.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
-    logp, entropy = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
-    return logp.view(B, T), entropy.view(B, T)
+    logp, entropy = [], []
+    for b in range(B):
+        for s in range(0, T, chunk):
+            args = (logits[b, s:s + chunk], targets[b, s:s + chunk])  # (C, V), (C,)
+            lp, ent = checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
+            logp.append(lp)
+            entropy.append(ent)
+    return torch.cat(logp).view(B, T), torch.cat(entropy).view(B, T)
 
 
 # ---- distributed -------------------------------------------------------------------------------------
@@ -275,6 +277,7 @@ def setup_distributed(cfg: Config) -> Dist:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Dist(rank, world, device)
@@ -282,8 +285,8 @@ def setup_distributed(cfg: Config) -> Dist:
 
 def load_model(path, d: Dist, trainable: bool, activation_checkpointing: bool = False) -> Transformer:
     """Load an HF dir; shard it with FSDP2 when there are several ranks. The trained model keeps fp32
-    master weights; the frozen reference is stored in the compute dtype."""
-    _, compute_dtype = device_and_dtype(d.device)
+    master weights; the frozen reference is stored in the compute dtype (bf16 under FSDP on GPU)."""
+    compute_dtype = torch.bfloat16 if d.device.type == "cuda" and d.world > 1 else torch.float32
     model = Transformer.from_pretrained(path, device=d.device, dtype=torch.float32 if trainable else compute_dtype)
     model.requires_grad_(trainable)
     if activation_checkpointing:  # recompute each block in backward; wrapping forward keeps parameter names
@@ -313,13 +316,6 @@ def unsharded(model):
         for m in mods:
             m.set_reshard_after_forward(True, recurse=False)
             m.reshard()
-
-
-def autocast(d: Dist):
-    """bf16 autocast for one GPU process; FSDP's mixed-precision policy does this job with many."""
-    if d.device.type == "cuda" and d.world == 1:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -400,13 +396,15 @@ def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, s
             mb_loss = torch.zeros(())
             for idx in chunks:
                 inputs, targets, mask, old, adv = micro_batch(rows, idx, d.device)
+                s = int(mask.float().argmax(1).min())  # log-probs from the first completion position on
+                targets, mask, old = targets[:, s:], mask[:, s:], old[:, s:]
                 ref_logp = None
-                with autocast(d):
-                    if ref is not None:
-                        with torch.no_grad():
-                            ref_logp, _ = token_logprobs(ref(inputs), targets, cfg.temperature, cfg.logprob_chunk, False)
-                    logp, entropy = token_logprobs(model(inputs), targets, cfg.temperature, cfg.logprob_chunk,
-                                                   cfg.entropy_coef > 0)
+                if ref is not None:
+                    with torch.no_grad():
+                        ref_logp, _ = token_logprobs(ref(inputs)[:, s:], targets, cfg.temperature,
+                                                     cfg.logprob_chunk, False)
+                logp, entropy = token_logprobs(model(inputs)[:, s:], targets, cfg.temperature, cfg.logprob_chunk,
+                                               cfg.entropy_coef > 0)
                 loss, kl, ent = grpo_loss(logp, old, ref_logp, entropy, adv, mask.float(), n_tok, cfg.clip_eps,
                                           cfg.kl_coef, cfg.entropy_coef)
                 (loss * d.world).backward()  # FSDP averages gradients over ranks; we want their sum
@@ -442,7 +440,7 @@ def train_step(model, ref, opt, tokenizer, problems, prompts, eos_ids, cfg: Conf
 
     # 1. rollout on the unsharded model
     t0 = time.perf_counter()
-    with unsharded(model), torch.no_grad(), autocast(d):
+    with unsharded(model), torch.no_grad():
         if cfg.seed_per_prompt:
             first = d.rank * per_rank  # global position of this rank's first prompt in the step's batch
             ro = cat_rollouts([gen(model, [prompts[k]], seed=rollout_seed(cfg.seed, step, first + j))

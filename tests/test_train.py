@@ -182,6 +182,15 @@ def test_short_run_raises_the_reward_and_writes_what_users_see(tiny, tmp_path):
     assert state["step"] == 12 and state["config"]["limit"] == cfg.limit and state["optimizer"]["state"]
 
 
+def test_non_finite_loss_skips_the_optimizer_step(tiny, tmp_path):
+    """A NaN reward makes the loss NaN: the step is logged as skipped and the weights do not move."""
+    cfg = tiny_cfg(tiny, tmp_path / "nan", "--steps=1", "--kl_coef=0")
+    out = Path(train.main(cfg, reward_fn=lambda text, gold, finished: float("nan")))
+    assert json.loads((out / "metrics.jsonl").read_text())["skipped"] == 1
+    before, after = _params(tiny[0]), _params(out / "step_000001")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def _params(ckpt):
     return load_file(str(Path(ckpt) / "model.safetensors"))
 
