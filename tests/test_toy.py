@@ -1,0 +1,136 @@
+"""toy.py: the embedded task's problems and traces are right, its tokenizer and chat template behave like a
+real model's, and a few SFT steps give a checkpoint that both transformers and model.py load."""
+
+import json
+import random
+import re
+import string
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import toy
+from data import build_prompt, load_problems
+from model import Transformer
+from reward import extract_answer, is_equiv
+
+
+def oracle(problem: str) -> str:
+    """The answer recomputed without toy.py's helpers: Python arithmetic on the text, mod 10."""
+    start, ops = re.match(r"Start with (\d)\. Apply (.*) in order", problem).groups()
+    s = int(start)
+    for op in ops.split(", "):
+        s = eval(f"{s} {op[0]} {int(op[1:])}") % 10
+    return str(s)
+
+
+def test_problems_are_deterministic_distinct_and_correct():
+    rows = toy.make_problems(300, seed=7)
+    assert rows == toy.make_problems(300, seed=7)
+    assert rows != toy.make_problems(300, seed=8)
+    assert len({r["problem"] for r in rows}) == len({r["id"] for r in rows}) == 300
+    for r in rows:
+        assert set(r) == {"id", "problem", "answer", "source"}
+        assert r["answer"] == oracle(r["problem"])
+    n_ops = [len(toy.parse_problem(r["problem"])[1]) for r in rows]
+    assert min(n_ops) == 3 and max(n_ops) == 10  # lengths vary with the problem
+    answers = [r["answer"] for r in rows]
+    assert max(answers.count(str(d)) for d in range(10)) < 0.2 * len(rows)  # no answer worth guessing
+
+
+def test_exclude_keeps_held_out_problems_out():
+    test = toy.make_problems(200, seed=2, min_ops=3, max_ops=3)
+    train = toy.make_problems(500, seed=0, min_ops=3, max_ops=3, exclude={r["problem"] for r in test})
+    assert not {r["problem"] for r in test} & {r["problem"] for r in train}
+
+
+def test_traces_think_then_answer_the_gold():
+    rng = random.Random(0)
+    waits = []
+    for r in toy.make_problems(200, seed=1):
+        t = toy.write_trace(r["problem"], rng)
+        thinking, answer = t.split("</think>")
+        assert answer == f"\n\n**Final Answer:**\n\n$\\boxed{{{r['answer']}}}$"
+        assert extract_answer(t) == r["answer"] and is_equiv(extract_answer(t), r["answer"])
+        # every necessary step is written with its right value somewhere in the thinking
+        start, ops = toy.parse_problem(r["problem"])
+        s = start
+        for op in ops:
+            assert f"{s}{op}={toy.apply_op(s, op)}." in thinking
+            s = toy.apply_op(s, op)
+        # a wrong value is always followed by its correction
+        for wrong, fix in re.findall(r"(\d[+*-]\d)=\d\.\nWait, that's wrong\. (\d[+*-]\d)=", t):
+            assert wrong == fix
+        waits.append(t.count("Wait"))
+    assert sum(waits) / len(waits) > 2
+
+
+def test_minimal_trace_keeps_every_step_and_no_redundancy():
+    r = toy.make_problems(1, seed=3)[0]
+    t = toy.minimal_trace(r["problem"])
+    assert "Wait" not in t and t.count("=") == len(toy.parse_problem(r["problem"])[1])
+    assert extract_answer(t) == r["answer"]
+    verbose = [toy.write_trace(r["problem"], random.Random(i)) for i in range(50)]
+    assert sum(map(len, verbose)) / 50 > 2 * len(t)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    rng = random.Random(0)
+    rows = toy.make_problems(300, seed=0)
+    corpus = [toy.write_trace(r["problem"], rng) for r in rows] + [r["problem"] for r in rows]
+    d = tmp_path_factory.mktemp("tok")
+    toy.save_tokenizer(toy.build_tokenizer(corpus + [toy.SYSTEM_PROMPT] * 10, 400), d)
+    return d
+
+
+def test_tokenizer_round_trips_and_keeps_digits_and_think_tags(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    texts = [string.printable, toy.SYSTEM_PROMPT.replace("{L}", "120"), "Ünïcode → ∑ also round-trips",
+             toy.write_trace(toy.make_problems(1, seed=5)[0]["problem"], random.Random(1))]
+    for text in texts:
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    assert len(tok.encode("<think>", add_special_tokens=False)) == 1
+    assert len(tok.encode("</think>", add_special_tokens=False)) == 1
+    assert tok.convert_ids_to_tokens(tok.encode("1234567890", add_special_tokens=False)) == list("1234567890")
+    assert tok.pad_token_id == 0 and tok.eos_token == toy.EOS and tok.bos_token == toy.BOS
+    # </think> survives decoding without special tokens, so graders can find the answer after it
+    ids = tok.encode("a</think>b", add_special_tokens=False) + [tok.eos_token_id]
+    assert tok.decode(ids, skip_special_tokens=True) == "a</think>b"
+
+
+def test_chat_template_gives_r1_style_prompts(tokenizer_dir):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    problem = toy.make_problems(1, seed=0)[0]["problem"]
+    instruction = " Let's think step by step and output the final answer within \\boxed{}."
+    plain = tok.decode(build_prompt(tok, problem, None, toy.SYSTEM_PROMPT))
+    assert plain == f"{toy.BOS}<|user|>{problem}{instruction}<|assistant|><think>\n"
+    limited = tok.decode(build_prompt(tok, problem, 120, toy.SYSTEM_PROMPT))
+    system = toy.SYSTEM_PROMPT.replace("{L}", "120")
+    assert limited == f"{toy.BOS}<|system|>{system}<|user|>{problem}{instruction}<|assistant|><think>\n"
+    assert system.endswith("The output of the assistant should be within 120 tokens.")
+    chat = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]
+    assert tok.apply_chat_template(chat, tokenize=False) == f"{toy.BOS}<|user|>1+1<|assistant|>2{toy.EOS}"
+
+
+def test_tiny_sft_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
+    cfg = toy.ToyConfig(out=str(tmp_path), n_train=40, n_val=10, n_test=10, vocab_size=300, hidden_size=32,
+                        intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                        steps=12, batch_size=4, warmup=2, lr=1e-2)
+    base = toy.build(cfg)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "sft_metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 12 and sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+    splits = {name: load_problems(tmp_path / "data" / f"{name}.jsonl") for name in ("train", "val", "test")}
+    assert [len(splits[k]) for k in ("train", "val", "test")] == [40, 10, 10]
+    held_out = {r["problem"] for r in splits["val"] + splits["test"]}
+    assert not held_out & {r["problem"] for r in splits["train"]}
+
+    ours = Transformer.from_pretrained(base, device="cpu")
+    hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(base)
+    ids = torch.tensor([build_prompt(tok, splits["test"][0]["problem"], None, toy.SYSTEM_PROMPT)])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+        out = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] > ids.shape[1]

@@ -1,0 +1,318 @@
+r"""
+The embedded task: a synthetic long-thinking problem set, its tokenizer, and a tiny Qwen2 SFT'd on
+verbose reference traces, saved so that the rest of the pipeline cannot tell it from R1-Distill.
+
+    python toy.py                          # builds runs/toy/{base/, data/{train,val,test}.jsonl} if absent,
+                                           # then measures the base on the test set (accuracy, length, "Wait"s,
+                                           # budget forcing at half its mean length)
+    python toy.py --out runs/demo --steps=300 --hidden_size=96    # any ToyConfig field as --key=value
+
+The task. "Start with 3. Apply +7, *3, -4, +9 in order, working modulo 10. What is the result?" --
+3 to 10 distinct operations drawn from +1..+9, -1..-9, *3, *7, *9 (the multipliers are units mod 10, so
+every step is a bijection and the answer is uniform over 0-9: guessing scores 10%). Each step is one
+table lookup a tiny model learns quickly, but a 3-layer model cannot chain several of them inside one
+forward pass, so the written steps are necessary: cut the thinking before the last step and the
+model can only guess. The number of steps, and so the necessary length, varies with the problem.
+Operations are distinct within a problem so that "which operation comes next" is a clean lookup
+(find the one just applied, take the one after it).
+
+The traces (`write_trace`) think the way long-thinking models do: the necessary steps ("3+7=0.")
+plus wasted tokens, each with a probability in `TraceStyle`: an opening sentence, re-checks of a step
+("Wait, let me check: 3+7=0. Yes." -- genuinely redundant, they repeat a step's result), a wrong value
+followed by "Wait, that's wrong." and the right one (learnable to skip: write the right value first),
+and a final "Wait, let me verify by redoing it: ..." over the whole chain. Then "</think>", and the
+answer as "**Final Answer:**\n\n$\boxed{5}$": the cue eval.py's budget forcing appends is exactly
+this text, so a forced model is in a familiar place and fails only for want of the steps.
+`minimal_trace` is what a perfectly pruned model would write.
+
+The tokenizer: byte-level BPE (`tokenizers`) learned on traces, problems and train.py's system prompt,
+with every digit its own token as in Qwen's tokenizer. BPE rather than characters because lengths are
+counted in tokens and the prompt carries ThinkPrune's ~400-character system prompt: whole words keep
+prompts and completions short (rollouts are the RL bottleneck), while the arithmetic stays digit by
+digit. Specials: <|pad|> (id 0, what rollout.py pads with), <|bos|>, <|eos|>, <|system|>, <|user|>,
+<|assistant|>; <think> and </think> are single added tokens, not special, as in R1-Distill, so
+decoding with skip_special_tokens keeps them. The chat template ends a generation prompt with
+"<|assistant|><think>\n" like R1-Distill's. Saved as tokenizer.json + tokenizer_config.json
+(chat_template, bos/eos/pad), loadable by AutoTokenizer.
+
+SFT prompts are built by data.build_prompt, the same function RL and evaluation use. Most SFT batches
+have no system turn (build_prompt's limit=None: R1-Distill's native prompt, which evaluation uses);
+a quarter carry train.py's limit system prompt with a random generous limit (400-4000 tokens, more
+than any trace needs). So the limit sentence is familiar text that does not change the output: at the
+start of RL the limit-prompted base behaves like the base, and only the cutoff reward teaches it to
+be short, which is ThinkPrune's claim. The loss covers the assistant part only, EOS included.
+
+Files: {out}/base/ (config.json, model.safetensors via model.save_pretrained, tokenizer files,
+toy_config.json), {out}/data/{train,val,test}.jsonl (rows {id, problem, answer, source}; val and test
+disjoint from train and each other; SFT problems are drawn apart from val and test too), and
+{out}/sft_metrics.jsonl (loss per step).
+"""
+
+import argparse
+import json
+import math
+import random
+import re
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer
+
+from data import INSTRUCTION, build_prompt, load_problems
+from eval import evaluate
+from model import ModelArgs, Transformer
+from train import SYSTEM_PROMPT
+
+# ---- the task -------------------------------------------------------------------------------------------
+
+MULTIPLIERS = (3, 7, 9)  # units mod 10: every step is a bijection, so the answer stays uniform over 0-9
+OPS = [f"+{a}" for a in range(1, 10)] + [f"-{a}" for a in range(1, 10)] + [f"*{m}" for m in MULTIPLIERS]
+PROBLEM = "Start with {start}. Apply {ops} in order, working modulo 10. What is the result?"
+PROBLEM_RE = re.compile(r"Start with (\d)\. Apply (.+) in order, working modulo 10\. What is the result\?")
+
+
+def apply_op(s: int, op: str) -> int:
+    a = int(op[1:])
+    return {"+": s + a, "-": s - a, "*": s * a}[op[0]] % 10
+
+
+def parse_problem(text: str) -> tuple[int, list[str]]:
+    m = PROBLEM_RE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"not a toy problem: {text!r}")
+    return int(m.group(1)), m.group(2).split(", ")
+
+
+def make_problems(n: int, seed: int, min_ops: int = 3, max_ops: int = 10, split: str = "train",
+                  exclude: set[str] = frozenset()) -> list[dict]:
+    """n distinct problems (none in `exclude`) as benchmark rows {id, problem, answer, source}."""
+    rng = random.Random(seed)
+    rows, seen = [], set(exclude)
+    while len(rows) < n:
+        start, ops = rng.randrange(10), rng.sample(OPS, rng.randint(min_ops, max_ops))
+        problem = PROBLEM.format(start=start, ops=", ".join(ops))
+        if problem in seen:
+            continue
+        seen.add(problem)
+        s = start
+        for op in ops:
+            s = apply_op(s, op)
+        rows.append({"id": f"toy-{split}-{len(rows):05d}", "problem": problem, "answer": str(s),
+                     "source": f"toy.py:make_problems(seed={seed})"})
+    return rows
+
+
+@dataclass
+class TraceStyle:
+    """How verbose the reference traces are: the probabilities of each kind of wasted text."""
+    p_open: float = 0.5  # an opening sentence restating the plan
+    p_check: float = 0.5  # after a correct step, re-check it ("Wait, let me check: 3+7=0. Yes.")
+    p_wrong: float = 0.1  # write a wrong value first, then "Wait, that's wrong." and the right one
+    p_verify: float = 0.5  # at the end, redo the whole chain once more
+
+
+def write_trace(problem: str, rng: random.Random, style: TraceStyle = TraceStyle()) -> str:
+    """The completion after the prompt's "<think>\\n": steps, re-checks, corrections, then the answer."""
+    start, ops = parse_problem(problem)
+    out = []
+    if rng.random() < style.p_open:
+        out.append(f"Okay, I start from {start} and apply the operations one by one.\n")
+    s, steps = start, []
+    for op in ops:
+        r = apply_op(s, op)
+        if rng.random() < style.p_wrong:
+            w = rng.choice([v for v in range(10) if v != r])
+            out.append(f"{s}{op}={w}.\nWait, that's wrong. {s}{op}={r}.\n")
+        else:
+            out.append(f"{s}{op}={r}.\n")
+            if rng.random() < style.p_check:
+                out.append(rng.choice([f"Wait, let me check: {s}{op}={r}. Yes.\n",
+                                       f"Wait, let me double-check: {s}{op} gives {r}. Right.\n"]))
+        steps.append(f"{s}{op}={r}")
+        s = r
+    if rng.random() < style.p_verify:
+        out.append(f"Wait, let me verify by redoing it: {', '.join(steps)}. Yes, {s}.\n")
+    out.append(f"</think>\n\n**Final Answer:**\n\n$\\boxed{{{s}}}$")
+    return "".join(out)
+
+
+def minimal_trace(problem: str) -> str:
+    """The shortest trace that still does every step: what a perfectly pruned model would write."""
+    return write_trace(problem, random.Random(0), TraceStyle(0, 0, 0, 0))
+
+
+# ---- the tokenizer --------------------------------------------------------------------------------------
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+SPECIAL = [PAD, BOS, EOS, "<|system|>", "<|user|>", "<|assistant|>"]  # pad first: the sampler pads with 0
+THINK = ["<think>", "</think>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
+    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}")
+
+
+def build_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
+    """Byte-level BPE learned on `corpus`, every digit its own token (as Qwen's tokenizer does)."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\d"), "isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    # like R1-Distill's: added but not special, so decoding with skip_special_tokens keeps them
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in THINK])
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(str(out / "tokenizer.json"))
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+           "model_max_length": 1024, "chat_template": CHAT_TEMPLATE}
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+# ---- SFT ------------------------------------------------------------------------------------------------
+
+@dataclass
+class ToyConfig:
+    out: str = "runs/toy"
+    n_train: int = 20000  # RL problems; the SFT draws its own, disjoint from val and test
+    n_val: int = 200
+    n_test: int = 500
+    vocab_size: int = 512
+    hidden_size: int = 128
+    intermediate_size: int = 320
+    num_hidden_layers: int = 3
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup: int = 50
+    p_limit: float = 0.25  # share of SFT prompts that carry the RL system prompt, with a generous limit
+    seed: int = 0
+    threads: int = 2
+
+
+def sft_batch(tokenizer, rows: list[dict], rng: random.Random, p_limit: float):
+    """Prompt + trace + EOS, right-padded: x (B, T) and the loss mask (B, T) over the completion."""
+    seqs, starts = [], []
+    with_limit = rng.random() < p_limit  # the whole batch or none of it: the system turn is long, padding costs
+    for row in rows:
+        limit = rng.randint(400, 4000) if with_limit else None
+        p = build_prompt(tokenizer, row["problem"], limit, SYSTEM_PROMPT)
+        c = tokenizer.encode(write_trace(row["problem"], rng), add_special_tokens=False) + [tokenizer.eos_token_id]
+        seqs.append(p + c)
+        starts.append(len(p))
+    T = max(map(len, seqs))
+    x = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+    for i, (s, p) in enumerate(zip(seqs, starts)):
+        x[i, :len(s)] = torch.tensor(s)
+        mask[i, p:len(s)] = True
+    return x, mask
+
+
+def build(cfg: ToyConfig) -> Path:
+    """Write {out}/data/{train,val,test}.jsonl and the SFT'd base in {out}/base; return the base dir."""
+    torch.set_num_threads(cfg.threads)
+    out, rng = Path(cfg.out), random.Random(cfg.seed)
+    test = make_problems(cfg.n_test, cfg.seed + 2, split="test")
+    val = make_problems(cfg.n_val, cfg.seed + 1, split="val", exclude={r["problem"] for r in test})
+    held_out = {r["problem"] for r in test + val}
+    train = make_problems(cfg.n_train, cfg.seed, split="train", exclude=held_out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("val", val), ("test", test)):
+        (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    base = out / "base"
+    corpus = [write_trace(r["problem"], rng) for r in train[:2000]] + [r["problem"] + " " + INSTRUCTION
+                                                                      for r in train[:2000]]
+    save_tokenizer(build_tokenizer(corpus + [SYSTEM_PROMPT] * 100, cfg.vocab_size), base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+
+    args = ModelArgs(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
+                     intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                     num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+                     tie_word_embeddings=True, max_position_embeddings=1024,
+                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = Transformer(args).init_weights(seed=cfg.seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}", flush=True)
+    sft_rows = make_problems(cfg.steps * cfg.batch_size, cfg.seed + 3, split="sft", exclude=held_out)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    log = open(out / "sft_metrics.jsonl", "w")
+    t0 = time.time()
+    for step in range(cfg.steps):
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, mask = sft_batch(tokenizer, sft_rows[step * cfg.batch_size:(step + 1) * cfg.batch_size], rng, cfg.p_limit)
+        logits = model(x[:, :-1])  # (B, T-1, V) predicts x[:, 1:]
+        nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
+        loss = (nll * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log.write(json.dumps({"step": step, "loss": round(loss.item(), 5), "lr": lr,
+                              "seconds": round(time.time() - t0, 2)}) + "\n")
+        if step % 50 == 0 or step == cfg.steps - 1:
+            print(f"step {step} loss {loss.item():.4f} lr {lr:.2e} {time.time() - t0:.0f}s", flush=True)
+    log.close()
+    model.save_pretrained(base)
+    (base / "toy_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    return base
+
+
+# ---- measuring the base ---------------------------------------------------------------------------------
+
+def report(base: Path, problems: list[dict], temperature: float, max_new_tokens: int = 512) -> dict:
+    """Accuracy, length and "Wait"s of the base on `problems`, then budget forcing at half its mean length."""
+    model, tokenizer = Transformer.from_pretrained(base, device="cpu"), AutoTokenizer.from_pretrained(base)
+    floor = [len(tokenizer.encode(minimal_trace(p["problem"]), add_special_tokens=False)) + 1 for p in problems]
+    print(f"necessary length (minimal trace + EOS): mean {sum(floor) / len(floor):.1f}, "
+          f"min {min(floor)}, max {max(floor)} tokens", flush=True)
+    kw = dict(samples=1, temperature=temperature, top_p=0.95 if temperature else 1.0, seed=0)
+    res = evaluate(model, tokenizer, problems, max_new_tokens=max_new_tokens, **kw)
+    B = int(res["mean_length"] / 2)
+    forced = evaluate(model, tokenizer, problems, max_new_tokens=max_new_tokens, budget=B, answer_budget=16, **kw)
+    for name, r in (("base", res), (f"budget forcing at B={B}", forced)):
+        print(f"{name}: accuracy {100 * r['accuracy']:.1f}%, mean length {r['mean_length']:.1f}, "
+              f"p90 length {sorted(x.length for x in r['records'])[int(0.9 * len(r['records']))]}, "
+              f"Wait/completion {r['keywords']['Wait']['per_completion']:.2f}, "
+              f"truncated {100 * r['truncation_rate']:.1f}% ({r['seconds']:.0f}s)", flush=True)
+    return {"base": res, "forced": forced, "budget": B}
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="any ToyConfig field as --key=value: " + ", ".join(f.name for f in fields(ToyConfig)))
+    ap.add_argument("--out", default=ToyConfig.out)
+    ap.add_argument("--eval_n", type=int, default=500, help="test problems to measure the base on")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    args, rest = ap.parse_known_args()
+    types = {f.name: f.type for f in fields(ToyConfig)}
+    over = {}
+    for a in rest:
+        key, _, value = a.removeprefix("--").partition("=")
+        if key not in types:
+            raise SystemExit(f"unknown ToyConfig field {key!r}")
+        over[key] = types[key](value)
+    cfg = ToyConfig(out=args.out, **over)
+    base = Path(cfg.out) / "base"
+    if not (base / "model.safetensors").is_file():
+        t0 = time.time()
+        build(cfg)
+        print(f"built {base} in {time.time() - t0:.0f}s", flush=True)
+    torch.set_num_threads(cfg.threads)
+    report(base, load_problems(Path(cfg.out) / "data" / "test.jsonl")[:args.eval_n], args.temperature)
