@@ -29,9 +29,10 @@ Choices:
   "</think>\\n\\n**Final Answer:**\\n\\n"), or nothing if it has, and then `answer_budget` more tokens to
   finish. Rows that ended within B are graded as they are. The reported length counts every token of the
   output: the thinking, the cue and the answer.
-- Under torchrun, rank r takes problems r, r+W, r+2W, ...; the records are gathered on rank 0, which
-  computes the aggregates and broadcasts them, so every rank returns the same numbers (the per-completion
-  records come back on rank 0 only).
+- Under torchrun, rank r takes problems r, r+W, r+2W, ... and samples with seed + 1000 r (so the numbers
+  depend on the world size, as sampled numbers do); the records are gathered on rank 0, which computes
+  the aggregates and broadcasts them, so every rank returns the same numbers (the per-completion records
+  come back on rank 0 only).
 """
 
 import argparse
@@ -118,7 +119,7 @@ def budget_force(model, tokenizer, prompts: list[list[int]], n: int, budget: int
     cue = tokenizer.encode(FORCE_CUE, add_special_tokens=False)
     N = first.tokens.size(0)
     open_rows = [i for i in range(N) if not first.finished[i]]
-    heads, forced = {}, torch.zeros(N, dtype=torch.bool)
+    heads, forced = {}, torch.zeros(N, dtype=torch.bool)  # heads: open row -> its tokens so far (+ cue)
     for i in open_rows:
         head = first.tokens[i, :first.lengths[i]].tolist()
         if THINK_END not in tokenizer.decode(head, skip_special_tokens=True):
@@ -128,13 +129,14 @@ def budget_force(model, tokenizer, prompts: list[list[int]], n: int, budget: int
     if open_rows:  # one continuation per open row, from its own prompt + what it wrote so far
         tails = generate(model, [prompts[first.prompt_index[i]] + heads[i] for i in open_rows], 1, answer_budget,
                          temperature=temperature, top_p=top_p, eos_ids=eos, seed=seed + 1, **gen_kw)
+    tail_of = {i: k for k, i in enumerate(open_rows)}  # open row -> its row in `tails`
     rows, logps, finished = [], [], first.finished.clone()
     for i in range(N):
         if i not in heads:
             rows.append(first.tokens[i, :first.lengths[i]])
             logps.append(first.logprobs[i, :first.lengths[i]])
             continue
-        k = open_rows.index(i)
+        k = tail_of[i]
         L1, L2 = int(first.lengths[i]), int(tails.lengths[k])
         rows.append(torch.cat([torch.tensor(heads[i]), tails.tokens[k, :L2]]))
         # the cue was not sampled: log-prob 0 there, like padding
@@ -255,11 +257,18 @@ def summarize(records: list[Completion]) -> dict:
     return out
 
 
+def headline(res: dict) -> dict:
+    """The numbers a summary quotes from an `evaluate` result."""
+    return {"accuracy": res["accuracy"], "mean_length": res["mean_length"],
+            "wait_per_completion": res["keywords"]["Wait"]["per_completion"]}
+
+
 # ---- tables --------------------------------------------------------------------------------------------
 
 def results_table(runs: list[dict]) -> str:
     """Markdown: one row per (checkpoint, benchmark, budget) run."""
-    lines = ["| checkpoint | benchmark | budget | k | pass@1 (%) | mean len | median len | truncated (%) | Wait/compl | perplexity |",
+    lines = ["| checkpoint | benchmark | budget | k | pass@1 (%) | mean len | median len | truncated (%) "
+             "| Wait/compl | perplexity |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
@@ -288,7 +297,7 @@ def load_model(path: str, device):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     ap.add_argument("--ckpt", required=True, help="checkpoint dir(s), comma-separated (two: before vs after)")
     ap.add_argument("--data", default="aime24,amc23,math500,olympiadbench,minerva",
                     help="benchmark short names or JSONL paths, comma-separated")
@@ -297,8 +306,9 @@ def main(argv=None):
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--top_p", type=float, default=0.95)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="state this length limit in the system prompt (default: no)")
-    ap.add_argument("--system_prompt", default=None, help="with --limit: its text, \"{L}\" = the limit (default: train.py's)")
+    ap.add_argument("--limit", type=int, default=None, help="state this limit in the system prompt (default: none)")
+    ap.add_argument("--system_prompt", default=None,
+                    help="with --limit: the system prompt, \"{L}\" = the limit (default: train.py's)")
     ap.add_argument("--budget", default="", help="budget forcing at these B, comma-separated (e.g. 500,1000,2000)")
     ap.add_argument("--answer_budget", type=int, default=256, help="tokens allowed after the forced cue")
     ap.add_argument("--ref", default=None, help="reference model dir for the perplexity of the reasoning")
@@ -328,8 +338,8 @@ def main(argv=None):
             k = args.samples or samples_for(name)
             for B in budgets:
                 res = evaluate(model, tokenizer, problems, k, args.max_new_tokens, args.temperature, args.top_p,
-                               args.seed, limit=args.limit, system_prompt=args.system_prompt, budget=B, answer_budget=args.answer_budget, ref=ref,
-                               max_batch=args.max_batch)
+                               args.seed, limit=args.limit, system_prompt=args.system_prompt, budget=B,
+                               answer_budget=args.answer_budget, ref=ref, max_batch=args.max_batch)
                 records = res.pop("records")
                 run = {"ckpt": ckpt, "data": name, "budget": B, "samples": k, **res}
                 runs.append(run)

@@ -165,12 +165,25 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+_store, _generation = None, 0  # the rendezvous store, kept across process groups
+
+
 def _ensure_process_group():
-    """Under torchrun, a process group for validation (train.main destroys its own when it ends)."""
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    """Under torchrun, a process group for training and validation. train.main destroys the group when
+    it ends, so a new one is made after each stage, each under its own key prefix in one store: a new
+    group must not read the keys of the last one (a rank still tearing it down would hang the others)."""
+    global _store, _generation
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1 or dist.is_initialized():
+        return
+    if _store is None:
+        _store, rank, world = next(dist.rendezvous("env://"))
+        _store.set_timeout(dist.constants.default_pg_timeout)
+    _generation += 1
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+                            store=dist.PrefixStore(f"schedule_pg{_generation}", _store),
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 # ---- validation ----------------------------------------------------------------------------------------
@@ -270,11 +283,21 @@ def stage_rows(state: dict) -> list[dict]:
     return rows
 
 
+def summary(state: dict) -> dict:
+    """The machine-readable headline: original vs final selection, the budget-forcing points, the stages."""
+    rows = stage_rows(state)
+    return {"base": ev.headline(state["base"]), "pruned": ev.headline(rows[-1]),
+            "budget_forcing": [{"budget": p["budget"], **ev.headline(p)} for p in state["budget_forcing"]],
+            "stages": [{"limit": r["limit"], "selected_step": r["step"], **ev.headline(r)} for r in rows[1:]]}
+
+
 def write_report(state: dict, out: Path, extra_points: dict | None = None) -> Path:
-    """report.md + stages.png, training.png, acc_vs_length.png in `out`. extra_points: more series for
-    the accuracy/length plot, {label: [(mean_length, accuracy), ...]} (e.g. direct pruning)."""
+    """report.md, report.json (`summary`) and stages.png, training.png, acc_vs_length.png in `out`.
+    extra_points: more series for the accuracy/length plot, {label: [(mean_length, accuracy), ...]}
+    (e.g. direct pruning)."""
     out = Path(out)
     rows = stage_rows(state)
+    (out / "report.json").write_text(json.dumps(summary(state), indent=1))
     cfg = state["config"]
     md = ["# ThinkPrune schedule", "",
           f"Validation: `{cfg['val_data']}`, {cfg['val_samples']} samples per problem, temperature "

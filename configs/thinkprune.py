@@ -1,7 +1,8 @@
 # The paper's schedule for DeepSeek-R1-Distill-Qwen-1.5B: three RL stages at limits 4000 -> 3000 -> 2000,
 # each from the checkpoint the previous stage selected on the validation set (pass@1 >= 0.9 x the
 # original model's, then shortest). torchrun --nproc_per_node 8 schedule.py configs/thinkprune.py
-model = "models/DeepSeek-R1-Distill-Qwen-1.5B"  # local HF dir (huggingface-cli download deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --local-dir ...)
+# a local HF dir: huggingface-cli download deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --local-dir models/...
+model = "models/DeepSeek-R1-Distill-Qwen-1.5B"
 out_dir = "runs/thinkprune"
 # shared by all stages; everything else is train.py's defaults (AIME 1983-2021 train set, G=16, 128 prompts
 # per step, lr 1e-6, k3 KL 0.001 to the stage's starting model, ThinkPrune's system prompt with the limit)

@@ -37,7 +37,8 @@ SCRIPT_TEXT = "Wait, </think>\\boxed{7}"
 
 def save_char_tokenizer(out: Path):
     """A character-level tokenizer (printable ASCII + newline) with a chat template, AutoTokenizer-loadable."""
-    vocab = {t: i for i, t in enumerate(SPECIAL + ["<think>", "</think>", "[UNK]"] + list(string.printable[:95]) + ["\n"])}
+    chars = list(string.printable[:95]) + ["\n"]
+    vocab = {t: i for i, t in enumerate(SPECIAL + ["<think>", "</think>", "[UNK]"] + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # one token per character
     tok.decoder = decoders.Fuse()
@@ -235,7 +236,7 @@ def test_cli_two_checkpoints_writes_json_markdown_and_records(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_gives_the_single_process_numbers(tmp_path):
+def test_torchrun_two_ranks_gather_every_problem_back_in_order(tmp_path):
     a = save_random_model(tmp_path / "a", seed=1)
     data = tmp_path / "toy.jsonl"
     data.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"{i}+1", "answer": str(i + 1)}) + "\n"

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from functools import partial
 from pathlib import Path
@@ -117,27 +118,35 @@ def test_two_stage_schedule_end_to_end(tmp_path):
     assert state["base"]["n_completions"] == 6 * 2
     report = (out / "report.md").read_text()
     assert "| 2 | 12 | " in report and "Why: " in report and "## Budget forcing" in report
+    summary = json.loads((out / "report.json").read_text())
+    assert [s["selected_step"] for s in summary["stages"]] == [s1["selected"]["step"], s2["selected"]["step"]]
+    assert summary["pruned"]["mean_length"] == s2["evals"][f"step_{s2['selected']['step']:06d}"]["mean_length"]
+    assert set(summary["base"]) == {"accuracy", "mean_length", "wait_per_completion"}
     for png in ("stages.png", "training.png", "acc_vs_length.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert len((out / "evals" / "base.jsonl").read_text().splitlines()) == 12
 
 
-def run_cli(args, kill_when=None, timeout=85):
-    """python schedule.py ...; with kill_when (a function of nothing), SIGKILL it as soon as that holds."""
-    p = subprocess.Popen([sys.executable, "schedule.py", str(REPO / "configs/tiny_schedule.py"), *args], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    if kill_when is None:
-        out, _ = p.communicate(timeout=timeout)
-        assert p.returncode == 0, out
-        return out
-    t0 = time.time()
-    while not kill_when():
-        assert p.poll() is None, p.stdout.read()
-        assert time.time() - t0 < timeout
-        time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
-    return p.stdout.read()
+def run_cli(args, kill_when=None, timeout=85, ranks=1):
+    """python schedule.py ... (torchrun with ranks > 1); its output. With kill_when (a function of
+    nothing), SIGKILL the whole process group as soon as that holds."""
+    launch = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    cmd = [sys.executable, *launch, "schedule.py", str(REPO / "configs/tiny_schedule.py"), *args]
+    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the run
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        t0 = time.time()
+        while p.poll() is None and not (kill_when and kill_when()):
+            assert time.time() - t0 < timeout, "schedule.py took too long"
+            time.sleep(0.02)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        elif kill_when:
+            raise AssertionError("schedule.py ended before the kill condition held")
+        log.seek(0)
+        out = log.read()
+    assert kill_when or p.returncode == 0, out
+    return out
 
 
 def state_of(run: Path) -> dict:
@@ -171,7 +180,7 @@ def test_resume_after_kill_between_stages(tmp_path):
     run_cli(args, kill_when=lambda: (state_of(run).get("stages") or [{}])[0].get("selected") is not None)
     first = state_of(run)["stages"][0]
     stamps = {p: p.stat().st_mtime_ns for p in (run / "stage1").rglob("*")}
-    out = run_cli(args)
+    out = run_cli(args, ranks=2)  # and the rest under torchrun: training (FSDP) and validation on 2 ranks
     assert "[schedule] stage1_" not in out and "[schedule] base:" not in out  # nothing of stage 1 redone
     assert {p: p.stat().st_mtime_ns for p in (run / "stage1").rglob("*")} == stamps
     state = state_of(run)
