@@ -14,7 +14,9 @@ as it exists, written to a temporary file and renamed):
 2. For stage t: train with `train.main` (the config's `train` dict, then the stage's dict, then
    model = the previous selection, out_dir = `{out_dir}/stage{t}`, keep_last = 0 since every checkpoint
    is a candidate); validate every saved checkpoint of the stage; `select` one; it is stage t+1's model.
-3. Write `{out_dir}/report.md` and the PNG plots (`write_report`).
+3. Write `{out_dir}/report.md`, `report.json` (`summary`: original vs final, stages, budget forcing) and
+   the PNG plots (`write_report`; the plot and summary functions take the state dict, so other drivers,
+   such as the embedded demo, can add series like direct pruning).
 
 Selection (`select`, the paper's rule): keep the checkpoints whose pass@1 >= (1 - tolerance) x the
 original model's pass@1 (tolerance 0.10), then take the shortest mean length; ties on length go to
@@ -28,7 +30,9 @@ with different validation settings, base model or stage definitions is refused r
 
 Choices: a stage starts from the selected checkpoint's weights with a fresh optimizer, and its KL
 reference (train.py's kl_coef) is that stage's starting model; the starting model itself is not a
-candidate of its own stage. Under torchrun, train.main tears its process group down at the end, so the
+candidate of its own stage. Every validation samples with the same seed, so checkpoints are compared
+on common random numbers. Each stage uses the train seed it is given (so the same problem order from
+its start) unless its dict sets another. Under torchrun, train.main tears its process group down at the end, so the
 schedule makes a new one before validating. Per-completion validation records go to
 `{out_dir}/evals/*.jsonl`.
 """
