@@ -38,6 +38,12 @@ whose mass reaches top_p; the top token always stays). `logprobs` are the log-pr
 tokens under exactly that distribution, which is what the trainer's importance ratio needs as the
 "old" policy. temperature=0 is greedy and its logprobs are those of the plain softmax.
 
+Speed (bench/rollout.py, 16 prompts x 8 samples x 256 tokens, CPU, 2 threads, same weights): against
+transformers' generate, 1.6x on the 0.9M toy shape (per-step overhead) and 1.1x on a 40M Qwen2 shape,
+where both are bound by the same matmuls (of a 430 ms step: 205 ms matmuls, 95 ms SDPA, 90 ms sampling
+over a 32k vocabulary). `compile=True` is for CUDA: on this CPU inductor's decode step was slower than
+eager (toy, 128 rows: 190 vs 25 ms; 40M: 880 vs 195 ms) after ~45 s of compiling.
+
 Simplifications: the model's logits are computed for every prompt position at prefill and only the last
 is used (prefill is chunked so that a chunk's logits stay under ~2^28 elements); attention over the
 cache is SDPA with a boolean mask, so it reads padding up to the rounded prefix length; one host sync
@@ -238,5 +244,7 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
         bar.close()
     model.train(was_training)
     Lmax = int(lengths[:N].max())
-    return Rollout(tokens=out_tok[:N, :Lmax].cpu(), logprobs=out_lp[:N, :Lmax].cpu(), lengths=lengths[:N].cpu(),
-                   finished=finished[:N].cpu(), prompt_index=torch.arange(N) // n)
+    with torch.inference_mode(False):  # ordinary tensors: the trainer feeds them to autograd
+        return Rollout(tokens=out_tok[:N, :Lmax].cpu().clone(), logprobs=out_lp[:N, :Lmax].cpu().clone(),
+                       lengths=lengths[:N].cpu().clone(), finished=finished[:N].cpu().clone(),
+                       prompt_index=torch.arange(N) // n)

@@ -90,10 +90,14 @@ def test_batched_equals_one_at_a_time():
     assert completions(batched) == [c for ro in alone for c in completions(ro)]
 
 
-def test_rows_are_prompt_major():
-    ro = generate(tiny(), PROMPTS, n=3, max_new_tokens=4)
+def test_rows_are_prompt_major_and_usable_by_autograd():
+    model = tiny().train()
+    ro = generate(model, PROMPTS, n=3, max_new_tokens=4)
     assert ro.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert ro.tokens.dtype == torch.long and ro.logprobs.dtype == torch.float32 and ro.finished.dtype == torch.bool
+    assert model.training, "generate restores the model's mode"
+    # not inference tensors: the trainer runs a grad-enabled forward over them
+    (model(ro.tokens).log_softmax(-1).mean() + ro.logprobs.sum() * 0).backward()
 
 
 def test_samples_of_a_prompt_differ_from_the_first_token():
