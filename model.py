@@ -179,6 +179,11 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, S, hd)
         if flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32 and mask is None and cache is None:
             y = self._flash(q, k, v, cu_seqlens)
+        elif T == 1 and mask is not None and cu_seqlens is None:
+            # a decode step: the nh/nkv query heads that share a kv head go in as that head's query rows
+            # (all see the row's one mask), so SDPA needs no GQA expansion; 2x faster on CPU, same result
+            y = F.scaled_dot_product_attention(q.reshape(B, self.nkv, self.nh // self.nkv, self.hd), k, v,
+                                               attn_mask=mask).reshape(B, self.nh, 1, self.hd)
         else:
             if cu_seqlens is not None:
                 mask = packed_causal_mask(cu_seqlens, T)

@@ -15,14 +15,14 @@ How it works (the numbered steps in `generate` follow this list)
 2. Admission: a free slot takes the next waiting row. Each prompt is prefilled once (batched with the
    other prompts admitted at the same time, right-padded) and its keys/values are copied into the slots
    of its samples; each sample draws its own first token from the shared prefill logits.
-3. Decode: every step all slots in use feed their last token; idle slots feed a dummy token at position
-   0 and their output is written to a spare output row that is thrown away.
-4. A row that stops frees its slot and the next waiting row takes it at once (continuous batching), so
-   long-tailed lengths do not leave the batch half empty while anything is still waiting.
-5. Once nothing waits, the running rows are packed into the front slots whenever they fit in half the
+3. Once nothing waits, the running rows are packed into the front slots whenever they fit in half the
    width, and the step runs on that many slots only (widths B, then powers of two: few distinct shapes).
-   Likewise attention reads only the cache prefix in use, rounded up to a multiple of 64 positions, not
-   the whole preallocated length. Both only skip work that is masked out anyway.
+4. Decode: every step, each slot in use feeds its last token; attention reads only the cache prefix in
+   use, rounded up to a multiple of 64 positions, not the whole preallocated length (3 and 4 only skip
+   work that is masked out anyway). Idle slots among the first `width` feed a dummy token at position 0
+   and their output goes to a spare output row that is thrown away.
+5. A row that stops frees its slot and the next waiting row takes it at once (continuous batching), so
+   long-tailed lengths do not leave the batch half empty while anything is still waiting.
 
 Randomness: one `torch.Generator` per call, seeded with `seed`, draws a table u of shape
 (N, max_new_tokens) of uniforms on the CPU; token t of row i is drawn by inverse-CDF sampling with
@@ -39,10 +39,12 @@ tokens under exactly that distribution, which is what the trainer's importance r
 "old" policy. temperature=0 is greedy and its logprobs are those of the plain softmax.
 
 Speed (bench/rollout.py, 16 prompts x 8 samples x 256 tokens, CPU, 2 threads, same weights): against
-transformers' generate, 1.6x on the 0.9M toy shape (per-step overhead) and 1.1x on a 40M Qwen2 shape,
-where both are bound by the same matmuls (of a 430 ms step: 205 ms matmuls, 95 ms SDPA, 90 ms sampling
-over a 32k vocabulary). `compile=True` is for CUDA: on this CPU inductor's decode step was slower than
-eager (toy, 128 rows: 190 vs 25 ms; 40M: 880 vs 195 ms) after ~45 s of compiling.
+transformers' generate, 1.7x on the 0.9M toy shape and 1.7x on a 40M Qwen2 shape. Short of 3x because
+on CPU both sides are bound by the same work: at 40M a step is mostly matmuls (half of it the 32k-vocab
+head), then SDPA and the vocabulary-wide cumsum of sampling; at 0.9M it is mostly reading the keys and
+values. Our gains: each prompt prefilled once, no per-step cache growth, a GQA-free decode attention in
+model.py. `compile=True` is for CUDA: on this CPU inductor's decode step was slower than eager (toy, 128
+rows: 190 vs 25 ms; 40M: 880 vs 195 ms) after ~45 s of compiling.
 
 Simplifications: the model's logits are computed for every prompt position at prefill and only the last
 is used (prefill is chunked so that a chunk's logits stay under ~2^28 elements); attention over the
@@ -210,7 +212,7 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
         if running == 0:
             break
 
-        # 5. Nothing waits and the rows fit in half the width: pack them into the front slots.
+        # 3. Nothing waits and the rows fit in half the width: pack them into the front slots.
         if next_row == N and running <= width // 2:
             new_width = 1 << (running - 1).bit_length()  # next power of two >= running
             busy = row[:width] < N
@@ -224,12 +226,12 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
             row[new_width:width] = N
             width = new_width
 
-        # 3. Decode one token for every slot in use, attending over the used prefix of the cache.
+        # 4. Decode one token for every slot in use, attending over the used prefix of the cache.
         s_len = min(S, -(-(top + 1) // PREFIX_ROUND) * PREFIX_ROUND)
         view = copy.copy(cache)
         view.k, view.v = cache.k[:, :width, :, :s_len], cache.v[:, :width, :, :s_len]
         logits = step(model, tok[:width, None], pos[:width, None], view)  # (width, V)
-        # 4. Rows that stop free their slots; the next round of admission refills them.
+        # 5. Rows that stop free their slots; the next round of admission refills them.
         slots = torch.arange(width, device=device)
         done = take(slots, *sample(logits, u[row[:width], count[:width]], temperature, top_k, top_p),
                     pos[:width] + 1)
