@@ -162,6 +162,7 @@ def build_tokenizer(corpus: list[str], vocab_size: int) -> Tokenizer:
     """Byte-level BPE learned on `corpus`, every digit its own token (as Qwen's tokenizer does)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\d"), "isolated"),
+                                                 pre_tokenizers.Punctuation("isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
