@@ -40,10 +40,9 @@ tokens under exactly that distribution, which is what the trainer's importance r
 
 Speed (bench/rollout.py, 16 prompts x 8 samples x 256 tokens, CPU, 2 threads, same weights): against
 transformers' generate, 1.7-2.0x on the 0.9M toy shape, 1.3-1.7x on a 40M Qwen2 shape (across runs on a
-shared machine). Short of 3x because
-on CPU both sides are bound by the same work: at 40M a step is mostly matmuls (half of it the 32k-vocab
-head), then SDPA and the vocabulary-wide cumsum of sampling; at 0.9M it is mostly reading the keys and
-values. Our gains: each prompt prefilled once, no per-step cache growth, a GQA-free decode attention in
+shared machine). Short of 3x because on CPU both sides are bound by the same work: at 40M a step is
+mostly matmuls (half of it the 32k-vocab head), then SDPA and the vocabulary-wide cumsum of sampling;
+at 0.9M it is mostly reading the keys and values. Our gains: each prompt prefilled once, no per-step cache growth, a GQA-free decode attention in
 model.py. `compile=True` is for CUDA: on this CPU inductor's decode step was slower than eager (toy, 128
 rows: 190 vs 25 ms; 40M: 880 vs 195 ms) after ~45 s of compiling.
 
