@@ -138,6 +138,14 @@ class Config:
 # ---- config ----------------------------------------------------------------------------------------
 
 def _convert(key: str, value: str, typ):
+    if typ in (list, dict):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(f"--{key}={value}: expected a JSON {typ.__name__}") from None
+        if not isinstance(value, typ):
+            raise ValueError(f"--{key}={value}: expected a JSON {typ.__name__}")
+        return value
     if typ is bool:
         if value.lower() in ("true", "1"):
             return True
@@ -150,9 +158,10 @@ def _convert(key: str, value: str, typ):
         raise ValueError(f"--{key}={value}: expected {typ.__name__}") from None
 
 
-def load_config(path: str | None, overrides: list[str]) -> Config:
-    """Config defaults <- assignments in the file at `path` <- `--key=value` overrides."""
-    cfg, types = Config(), {f.name: f.type for f in fields(Config)}
+def load_config(path: str | None, overrides: list[str], cls=Config):
+    """Defaults of the dataclass `cls` <- assignments in the file at `path` <- `--key=value` overrides
+    (lists and dicts as JSON). schedule.py and demo.py read their configs with this too."""
+    cfg, types = cls(), {f.name: f.type for f in fields(cls)}
     if path:
         ns: dict = {}
         exec(compile(Path(path).read_text(), path, "exec"), ns)  # its own namespace, not our globals
