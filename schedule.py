@@ -82,28 +82,8 @@ VALIDATION_KEYS = ("model", "val_data", "val_n_problems", "val_samples", "val_ma
 def load_schedule_config(path: str | None, overrides: list[str]) -> ScheduleConfig:
     """Defaults <- assignments in the file <- `--key=value` (lists and dicts as JSON). Unknown keys,
     and stage/train keys that train.Config does not have, are errors naming the key."""
-    cfg, types = ScheduleConfig(), {f.name: f.type for f in dataclasses.fields(ScheduleConfig)}
+    cfg = train.load_config(path, overrides, cls=ScheduleConfig)  # train.py's rules: unknown keys are errors
     where = path or "overrides"
-    if path:
-        ns: dict = {}
-        exec(compile(Path(path).read_text(), path, "exec"), ns)
-        for key, value in ns.items():
-            if key.startswith("__") or type(value).__name__ == "module":
-                continue
-            if key not in types:
-                raise ValueError(f"{path}: unknown schedule key {key!r}")
-            if not (isinstance(value, types[key]) or (types[key] is float and isinstance(value, int))) or \
-                    (types[key] is not bool and isinstance(value, bool)):
-                raise ValueError(f"{path}: {key} = {value!r} should be a {types[key].__name__}")
-            setattr(cfg, key, types[key](value))
-    for arg in overrides:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"{arg!r}: overrides are --key=value")
-        key, value = arg[2:].split("=", 1)
-        if key not in types:
-            raise ValueError(f"--{key}: unknown schedule key")
-        typ = types[key]
-        setattr(cfg, key, json.loads(value) if typ in (list, dict) else train._convert(key, value, typ))
     train_keys = {f.name for f in dataclasses.fields(train.Config)}
     for name, d in [("train", cfg.train)] + [(f"stages[{i}]", s) for i, s in enumerate(cfg.stages)]:
         if not isinstance(d, dict):
