@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from data import build_prompt, load_problems
 from model import Transformer
@@ -152,22 +153,35 @@ def budget_force(model, tokenizer, prompts: list[list[int]], n: int, budget: int
 
 
 @torch.no_grad()
-def reasoning_nll(ref_model, ref_tokenizer, texts: list[str], batch: int = 8) -> list[tuple[float, int]]:
-    """(summed NLL, tokens) of each text's reasoning (before </think>) under the reference model."""
+def reasoning_nll(ref_model, ref_tokenizer, texts: list[str], max_tokens: int = 16384,
+                  chunk: int = 2048) -> list[tuple[float, int]]:
+    """(summed NLL, tokens) of each text's reasoning (before </think>) under the reference model.
+    Batches hold at most max_tokens padded tokens (one long text goes alone), and the fp32
+    log-softmax runs over `chunk` positions at a time: 32k tokens x a 152k vocabulary would not fit."""
     device = next(ref_model.parameters()).device
     bos = [ref_tokenizer.bos_token_id] if ref_tokenizer.bos_token_id is not None else []
     seqs = [bos + ref_tokenizer.encode(t.split(THINK_END)[0], add_special_tokens=False) for t in texts]
-    out = []
-    for s in range(0, len(seqs), batch):
-        chunk = seqs[s:s + batch]
-        T = max(len(x) for x in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)  # (B, T), right-padded: causal attention ignores it
-        for i, x in enumerate(chunk):
+    out, s = [], 0
+    while s < len(seqs):
+        n = 1  # grow the batch while its padded size stays within max_tokens
+        while s + n < len(seqs) and (n + 1) * max(len(x) for x in seqs[s:s + n + 1]) <= max_tokens:
+            n += 1
+        batch = seqs[s:s + n]
+        T = max(len(x) for x in batch)
+        ids = torch.zeros(len(batch), T, dtype=torch.long, device=device)  # (B, T), right-padded
+        for i, x in enumerate(batch):
             ids[i, :len(x)] = torch.tensor(x)
-        logp = ref_model(ids.to(device)).float().log_softmax(-1)[:, :-1]  # (B, T-1, V) predicts ids[:, 1:]
-        nll = -logp.gather(-1, ids[:, 1:, None].to(device))[..., 0]  # (B, T-1)
-        for i, x in enumerate(chunk):
-            out.append((float(nll[i, :len(x) - 1].sum()), max(len(x) - 1, 0)))
+        nll = ids[:, :0].float()  # (B, 0): texts of one token or none have nothing to predict
+        if T > 1:
+            logits = ref_model(ids)  # (B, T, V); padding sits after each text, so causal attention ignores it
+            # position t predicts ids[:, t + 1]: the last position predicts nothing
+            nll = torch.cat([F.cross_entropy(logits[:, t:min(t + chunk, T - 1)].float().transpose(1, 2),
+                                             ids[:, t + 1:t + 1 + chunk], reduction="none")
+                             for t in range(0, T - 1, chunk)], dim=1)  # (B, T-1)
+        for i, x in enumerate(batch):
+            n_pred = max(len(x) - 1, 0)
+            out.append((float(nll[i, :n_pred].sum()), n_pred))
+        s += n
     return out
 
 

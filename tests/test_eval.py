@@ -195,7 +195,7 @@ def test_budget_forcing_keeps_the_sampled_prefix(random_model):
 def test_reasoning_perplexity_matches_one_sequence_at_a_time(random_model, scripted):
     model, tok = random_model
     texts = ["Wait, 3+4=7 </think> \\boxed{7}", "ok", "Hmm, let me think a little longer here"]
-    batched = ev.reasoning_nll(model, tok, texts, batch=3)
+    batched = ev.reasoning_nll(model, tok, texts, max_tokens=120, chunk=5)  # two batches, several chunks
     with torch.no_grad():
         for t, (nll, n) in zip(texts, batched):
             ids = torch.tensor([[1] + tok.encode(t.split("</think>")[0], add_special_tokens=False)])
