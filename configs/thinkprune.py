@@ -26,7 +26,7 @@ val_samples = 16
 val_max_new_tokens = 32000
 temperature = 0.6
 top_p = 0.95
-eval_batch = 64  # KV-cache slots: at 32k tokens a 1.5B row is ~0.46 GB in bf16
+eval_batch = 32  # KV-cache slots: at 32k tokens a 1.5B row is ~0.93 GB in bf16 (28 layers x 2 kv heads x 128)
 tolerance = 0.10  # the paper's rule: keep >= 90% of the original pass@1, then the shortest
 budgets = [500, 1000, 2000, 4000, 8000]  # the s1-style baseline the paper compares against
 answer_budget = 512
