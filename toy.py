@@ -7,18 +7,19 @@ verbose reference traces, saved so that the rest of the pipeline cannot tell it 
                                            # budget forcing at half its mean length)
     python toy.py --out runs/demo --steps=300 --hidden_size=96    # any ToyConfig field as --key=value
 
-The task. "Start with 3. Apply +7, *3, -4, +9 in order, working modulo 10. What is the result?" --
-3 to 10 distinct operations drawn from +1..+9, -1..-9, *3, *7, *9 (the multipliers are units mod 10, so
-every step is a bijection and the answer is uniform over 0-9: guessing scores 10%). Each step is one
-table lookup a tiny model learns quickly, but a 3-layer model cannot chain several of them inside one
-forward pass, so the written steps are necessary: cut the thinking before the last step and the
-model can only guess. The number of steps, and so the necessary length, varies with the problem.
-Operations are distinct within a problem so that "which operation comes next" is a clean lookup
-(find the one just applied, take the one after it).
+The task. "The path is 6 9 0 2 4 3 5 1 8 7. Start at 0 and take four steps along it. Where do you end?"
+-- the ten digits in a random order, a start, and 3 to 9 steps (written as a word) that stay on the
+path; the answer is a digit, near-uniform, so guessing scores about 10%. One step ("three: 0>2.") is one
+retrieval: find the current digit on the path and copy the one after it, which a small transformer
+learns as an induction head. A 3-layer model cannot chain several retrievals inside one forward pass,
+so the written steps are necessary: cut the thinking before the last step and the model can only
+guess. The number of steps, and so the necessary length, varies with the problem. (Measured and
+dropped: chains of arithmetic mod 10 -- "3+7=0, 0*3=0, ..." -- which a 0.6M model did not learn in 600
+SFT steps: the digit loss stayed at chance, ln 10, as modular tables are learned slowly.)
 
-The traces (`write_trace`) think the way long-thinking models do: the necessary steps ("3+7=0.")
+The traces (`write_trace`) think the way long-thinking models do: the necessary steps ("three: 0>2.")
 plus wasted tokens, each with a probability in `TraceStyle`: an opening sentence, re-checks of a step
-("Wait, let me check: 3+7=0. Yes." -- genuinely redundant, they repeat a step's result), a wrong value
+("Wait, let me check: 0>2. Yes." -- genuinely redundant, they repeat a step's result), a wrong value
 followed by "Wait, that's wrong." and the right one (learnable to skip: write the right value first),
 and a final "Wait, let me verify by redoing it: ..." over the whole chain. Then "</think>", and the
 answer as "**Final Answer:**\n\n$\boxed{5}$": the cue eval.py's budget forcing appends is exactly
@@ -69,39 +70,33 @@ from train import SYSTEM_PROMPT
 
 # ---- the task -------------------------------------------------------------------------------------------
 
-MULTIPLIERS = (3, 7, 9)  # units mod 10: every step is a bijection, so the answer stays uniform over 0-9
-OPS = [f"+{a}" for a in range(1, 10)] + [f"-{a}" for a in range(1, 10)] + [f"*{m}" for m in MULTIPLIERS]
-PROBLEM = "Start with {start}. Apply {ops} in order, working modulo 10. What is the result?"
-PROBLEM_RE = re.compile(r"Start with (\d)\. Apply (.+) in order, working modulo 10\. What is the result\?")
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+PROBLEM = "The path is {path}. Start at {start} and take {k} steps along it. Where do you end?"
+PROBLEM_RE = re.compile(r"The path is ([\d ]+)\. Start at (\d) and take (\w+) steps along it\. Where do you end\?")
 
 
-def apply_op(s: int, op: str) -> int:
-    a = int(op[1:])
-    return {"+": s + a, "-": s - a, "*": s * a}[op[0]] % 10
-
-
-def parse_problem(text: str) -> tuple[int, list[str]]:
+def parse_problem(text: str) -> tuple[dict, int, int]:
+    """-> (nxt, start, k): nxt[x] = the digit after x on the path, the start, the number of steps."""
     m = PROBLEM_RE.fullmatch(text)
-    if m is None:
+    if m is None or m.group(3) not in WORDS:
         raise ValueError(f"not a toy problem: {text!r}")
-    return int(m.group(1)), m.group(2).split(", ")
+    path = [int(d) for d in m.group(1).split()]
+    return dict(zip(path, path[1:])), int(m.group(2)), WORDS.index(m.group(3))
 
 
-def make_problems(n: int, seed: int, min_ops: int = 3, max_ops: int = 10, split: str = "train",
+def make_problems(n: int, seed: int, min_steps: int = 3, max_steps: int = 9, split: str = "train",
                   exclude: set[str] = frozenset()) -> list[dict]:
     """n distinct problems (none in `exclude`) as benchmark rows {id, problem, answer, source}."""
     rng = random.Random(seed)
     rows, seen = [], set(exclude)
     while len(rows) < n:
-        start, ops = rng.randrange(10), rng.sample(OPS, rng.randint(min_ops, max_ops))
-        problem = PROBLEM.format(start=start, ops=", ".join(ops))
+        path, k = rng.sample(range(10), 10), rng.randint(min_steps, max_steps)
+        i = rng.randrange(10 - k)  # the walk stays on the path
+        problem = PROBLEM.format(path=" ".join(map(str, path)), start=path[i], k=WORDS[k])
         if problem in seen:
             continue
         seen.add(problem)
-        s = start
-        for op in ops:
-            s = apply_op(s, op)
-        rows.append({"id": f"toy-{split}-{len(rows):05d}", "problem": problem, "answer": str(s),
+        rows.append({"id": f"toy-{split}-{len(rows):05d}", "problem": problem, "answer": str(path[i + k]),
                      "source": f"toy.py:make_problems(seed={seed})"})
     return rows
 
@@ -117,22 +112,22 @@ class TraceStyle:
 
 def write_trace(problem: str, rng: random.Random, style: TraceStyle = TraceStyle()) -> str:
     """The completion after the prompt's "<think>\\n": steps, re-checks, corrections, then the answer."""
-    start, ops = parse_problem(problem)
+    nxt, s, k = parse_problem(problem)
     out = []
     if rng.random() < style.p_open:
-        out.append(f"Okay, I start from {start} and apply the operations one by one.\n")
-    s, steps = start, []
-    for op in ops:
-        r = apply_op(s, op)
+        out.append(f"Okay, I start at {s} and take {WORDS[k]} steps, one at a time.\n")
+    steps = []
+    for i in range(1, k + 1):
+        r = nxt[s]
         if rng.random() < style.p_wrong:
             w = rng.choice([v for v in range(10) if v != r])
-            out.append(f"{s}{op}={w}.\nWait, that's wrong. {s}{op}={r}.\n")
+            out.append(f"{WORDS[i]}: {s}>{w}.\nWait, that's wrong. {WORDS[i]}: {s}>{r}.\n")
         else:
-            out.append(f"{s}{op}={r}.\n")
+            out.append(f"{WORDS[i]}: {s}>{r}.\n")
             if rng.random() < style.p_check:
-                out.append(rng.choice([f"Wait, let me check: {s}{op}={r}. Yes.\n",
-                                       f"Wait, let me double-check: {s}{op} gives {r}. Right.\n"]))
-        steps.append(f"{s}{op}={r}")
+                out.append(rng.choice([f"Wait, let me check: {s}>{r}. Yes.\n",
+                                       f"Wait, let me double-check where {s} goes: {s}>{r}. Right.\n"]))
+        steps.append(f"{s}>{r}")
         s = r
     if rng.random() < style.p_verify:
         out.append(f"Wait, let me verify by redoing it: {', '.join(steps)}. Yes, {s}.\n")
@@ -198,6 +193,8 @@ class ToyConfig:
     steps: int = 600
     batch_size: int = 16
     lr: float = 3e-3
+    init_std: float = 0.08  # measured: at 0.02 the digit loss sits at chance (ln 10) for 250+ steps; at 0.08 it
+    # leaves that plateau within 50 (the retrieval heads form sooner from larger random q/k)
     warmup: int = 50
     p_limit: float = 0.25  # share of SFT prompts that carry the RL system prompt, with a generous limit
     seed: int = 0
@@ -246,7 +243,7 @@ def build(cfg: ToyConfig) -> Path:
                      num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
                      tie_word_embeddings=True, max_position_embeddings=1024,
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = Transformer(args).init_weights(seed=cfg.seed)
+    model = Transformer(args).init_weights(std=cfg.init_std, seed=cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}", flush=True)
     sft_rows = make_problems(cfg.steps * cfg.batch_size, cfg.seed + 3, split="sft", exclude=held_out)

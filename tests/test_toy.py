@@ -17,12 +17,10 @@ from reward import extract_answer, is_equiv
 
 
 def oracle(problem: str) -> str:
-    """The answer recomputed without toy.py's helpers: Python arithmetic on the text, mod 10."""
-    start, ops = re.match(r"Start with (\d)\. Apply (.*) in order", problem).groups()
-    s = int(start)
-    for op in ops.split(", "):
-        s = eval(f"{s} {op[0]} {int(op[1:])}") % 10
-    return str(s)
+    """The answer recomputed without toy.py's helpers: walk k places along the path in the text."""
+    path, start, k = re.match(r"The path is ([\d ]+)\. Start at (\d) and take (\w+) steps", problem).groups()
+    path = path.split()
+    return path[path.index(start) + "zero one two three four five six seven eight nine".split().index(k)]
 
 
 def test_problems_are_deterministic_distinct_and_correct():
@@ -33,15 +31,15 @@ def test_problems_are_deterministic_distinct_and_correct():
     for r in rows:
         assert set(r) == {"id", "problem", "answer", "source"}
         assert r["answer"] == oracle(r["problem"])
-    n_ops = [len(toy.parse_problem(r["problem"])[1]) for r in rows]
-    assert min(n_ops) == 3 and max(n_ops) == 10  # lengths vary with the problem
+    n_steps = [toy.parse_problem(r["problem"])[2] for r in rows]
+    assert min(n_steps) == 3 and max(n_steps) == 9  # lengths vary with the problem
     answers = [r["answer"] for r in rows]
     assert max(answers.count(str(d)) for d in range(10)) < 0.2 * len(rows)  # no answer worth guessing
 
 
 def test_exclude_keeps_held_out_problems_out():
-    test = toy.make_problems(200, seed=2, min_ops=3, max_ops=3)
-    train = toy.make_problems(500, seed=0, min_ops=3, max_ops=3, exclude={r["problem"] for r in test})
+    test = toy.make_problems(200, seed=2, min_steps=3, max_steps=3)
+    train = toy.make_problems(500, seed=0, min_steps=3, max_steps=3, exclude={r["problem"] for r in test})
     assert not {r["problem"] for r in test} & {r["problem"] for r in train}
 
 
@@ -53,14 +51,14 @@ def test_traces_think_then_answer_the_gold():
         thinking, answer = t.split("</think>")
         assert answer == f"\n\n**Final Answer:**\n\n$\\boxed{{{r['answer']}}}$"
         assert extract_answer(t) == r["answer"] and is_equiv(extract_answer(t), r["answer"])
-        # every necessary step is written with its right value somewhere in the thinking
-        start, ops = toy.parse_problem(r["problem"])
-        s = start
-        for op in ops:
-            assert f"{s}{op}={toy.apply_op(s, op)}." in thinking
-            s = toy.apply_op(s, op)
-        # a wrong value is always followed by its correction
-        for wrong, fix in re.findall(r"(\d[+*-]\d)=\d\.\nWait, that's wrong\. (\d[+*-]\d)=", t):
+        # every necessary step is written, numbered, with its right value somewhere in the thinking
+        nxt, s, k = toy.parse_problem(r["problem"])
+        for i in range(1, k + 1):
+            assert f"{toy.WORDS[i]}: {s}>{nxt[s]}.\n" in thinking
+            s = nxt[s]
+        assert f"{toy.WORDS[k + 1] if k < 9 else 'ten'}:" not in thinking  # and no step past the k-th
+        # a wrong value is always followed by its correction for the same step
+        for wrong, fix in re.findall(r"(\w+: \d)>\d\.\nWait, that's wrong\. (\w+: \d)>", t):
             assert wrong == fix
         waits.append(t.count("Wait"))
     assert sum(waits) / len(waits) > 2
@@ -69,7 +67,7 @@ def test_traces_think_then_answer_the_gold():
 def test_minimal_trace_keeps_every_step_and_no_redundancy():
     r = toy.make_problems(1, seed=3)[0]
     t = toy.minimal_trace(r["problem"])
-    assert "Wait" not in t and t.count("=") == len(toy.parse_problem(r["problem"])[1])
+    assert "Wait" not in t and t.split("</think>")[0].count(">") == toy.parse_problem(r["problem"])[2]
     assert extract_answer(t) == r["answer"]
     verbose = [toy.write_trace(r["problem"], random.Random(i)) for i in range(50)]
     assert sum(map(len, verbose)) / 50 > 2 * len(t)
