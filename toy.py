@@ -105,7 +105,7 @@ def make_problems(n: int, seed: int, min_steps: int = 3, max_steps: int = 9, spl
 class TraceStyle:
     """How verbose the reference traces are: the probabilities of each kind of wasted text."""
     p_open: float = 0.5  # an opening sentence restating the plan
-    p_check: float = 0.5  # after a correct step, re-check it ("Wait, let me check: 3+7=0. Yes.")
+    p_check: float = 0.5  # after a correct step, re-check it ("Wait, let me check: 0>2. Yes.")
     p_wrong: float = 0.1  # write a wrong value first, then "Wait, that's wrong." and the right one
     p_verify: float = 0.5  # at the end, redo the whole chain once more
 
@@ -190,7 +190,7 @@ class ToyConfig:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    steps: int = 600
+    steps: int = 1500  # measured: 600 steps -> 16% held-out accuracy, 1500 -> 95.5% (temperature 0.6)
     batch_size: int = 16
     lr: float = 3e-3
     init_std: float = 0.08  # measured: at 0.02 the digit loss sits at chance (ln 10) for 250+ steps; at 0.08 it
