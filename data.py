@@ -19,9 +19,12 @@ Choices:
 """
 
 import json
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
+# the shared benchmark files: ../shared/data beside the repo, or wherever THINKPRUNE_DATA points
+DATA_DIR = Path(os.environ.get("THINKPRUNE_DATA", Path(__file__).resolve().parent.parent / "shared" / "data"))
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
 
 

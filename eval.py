@@ -49,12 +49,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data import build_prompt, load_problems
+from data import DATA_DIR, build_prompt, load_problems
 from model import Transformer
 from reward import score
 from rollout import Rollout, generate
 
-DATA_DIR = Path(os.environ.get("THINKPRUNE_DATA", Path(__file__).resolve().parent.parent / "shared" / "data"))
 SAMPLES = {"aime24": 64, "amc23": 64}  # the paper's k for the two small benchmarks
 DEFAULT_SAMPLES = 16  # the paper's k for MATH500, OlympiadBench, Minerva (and our validation set)
 KEYWORDS = ("Wait", "But wait", "Alternatively", "Hmm", "Let me check", "double-check", "verify")

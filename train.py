@@ -69,11 +69,10 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import reward
-from data import build_prompt, load_problems
+from data import DATA_DIR, build_prompt, load_problems
 from model import Transformer, device_and_dtype
 from rollout import Rollout, generate
 
-DATA_DIR = Path(os.environ.get("THINKPRUNE_DATA", Path(__file__).resolve().parent.parent / "shared" / "data"))
 
 # ThinkPrune's official system prompt (its data-prep script), with the limit sentence it appends.
 SYSTEM_PROMPT = (
