@@ -2,7 +2,7 @@
 # re-checking traces, pruned by three RL stages on 2 CPU cores. Every value here was picked by
 # measurement on such a machine; the README says what was tried.
 out_dir = "runs/demo"
-toy = dict()  # toy.ToyConfig defaults: 0.58M parameters, 1500 SFT steps of 16 traces (~6 min)
+toy = dict()  # toy.ToyConfig defaults: 0.58M parameters, 2300 SFT steps of 16 traces (~8.5 min)
 train = dict(
     prompts_per_step=16,
     samples_per_prompt=8,  # G = 8: 16 groups, 128 completions a step

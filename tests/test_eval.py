@@ -245,7 +245,7 @@ def test_torchrun_two_ranks_gather_every_problem_back_in_order(tmp_path):
     repo = Path(ev.__file__).parent
     subprocess.run([sys.executable, "eval.py", *common, "--out", str(tmp_path / "one")], check=True, cwd=repo,
                    capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "eval.py", *common,
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py", *common,
                     "--out", str(tmp_path / "two")], check=True, cwd=repo, capture_output=True)
     one = json.loads((tmp_path / "one" / "eval.json").read_text())["runs"][0]
     two = json.loads((tmp_path / "two" / "eval.json").read_text())["runs"][0]

@@ -130,7 +130,7 @@ def test_two_stage_schedule_end_to_end(tmp_path):
 def run_cli(args, kill_when=None, timeout=85, ranks=1):
     """python schedule.py ... (torchrun with ranks > 1); its output. With kill_when (a function of
     nothing), SIGKILL the whole process group as soon as that holds."""
-    launch = ["-m", "torch.distributed.run", f"--nproc_per_node={ranks}"] if ranks > 1 else []
+    launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
     cmd = [sys.executable, *launch, "schedule.py", str(REPO / "configs/tiny_schedule.py"), *args]
     with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: a full pipe would stall the run
         p = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True)

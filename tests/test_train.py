@@ -208,7 +208,7 @@ def test_fsdp_two_processes_match_one_process(tiny, tmp_path):
     do not deadlock (rank 1 decodes more tokens than rank 0 through the FSDP model)."""
     model, data = tiny
     args = [TINY, f"--model={model}", f"--train_data={data}", "--steps=2", "--seed_per_prompt=true"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     two = subprocess.run([*torchrun, str(ROOT / "tests" / "tiny_run.py"), *args, f"--out_dir={tmp_path / 'two'}"],
                          env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert two.returncode == 0, two.stderr[-3000:]
