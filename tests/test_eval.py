@@ -22,14 +22,8 @@ import eval as ev
 from model import ModelArgs, Transformer
 from reward import score
 from rollout import generate
+from toy import CHAT_TEMPLATE, SPECIAL  # the embedded model's chat markers, pad first (id 0)
 
-SPECIAL = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]  # pad first: id 0
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}<|system|>{{ m['content'] }}"
-    "{% elif m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}<|assistant|>{{ m['content'] }}{{ eos_token }}{% endif %}"
-    "{% endfor %}{% if add_generation_prompt %}<|assistant|><think>\n{% endif %}")
 # what the scripted model writes after the prompt's last token "\n": one "Wait", then the answer 7
 SCRIPT = ["W", "a", "i", "t", ",", " ", "</think>", "\\", "b", "o", "x", "e", "d", "{", "7", "}", "<|eos|>"]
 SCRIPT_TEXT = "Wait, </think>\\boxed{7}"
