@@ -177,6 +177,24 @@ def test_sample_follows_the_filtered_distribution():
     torch.testing.assert_close(f, probs**2 / (probs**2).sum(), atol=2e-4, rtol=0)
 
 
+def test_two_level_inverse_cdf_matches_a_float64_cumsum():
+    """The blocked search picks the token a plain float64 cumsum picks, on a vocabulary that is not a
+    multiple of the block, and never a zero-probability token, even for u just below 1."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 1000, generator=g) * 3
+    logits[:, 990:] = float("-inf")  # a filtered tail in the last, partial block
+    logits[1, :500] = float("-inf")  # and a row whose mass starts halfway
+    u = torch.cat([(torch.arange(2000) + 0.5) / 2000, torch.tensor([0.0, 1 - 2**-24])])
+    for r in range(3):
+        row = logits[r:r + 1].expand(len(u), -1)
+        tok, lp = sample(row, u)
+        cdf = row[0].double().softmax(-1).cumsum(-1)
+        ref = torch.searchsorted(cdf, u.double()[:, None] * cdf[-1], right=True)[:, 0].clamp(max=989)
+        assert (tok == ref).float().mean() > 0.998  # float32 vs float64 may differ right at a boundary
+        assert torch.isfinite(row[0, tok]).all()
+        torch.testing.assert_close(lp, row[0].log_softmax(-1)[tok])
+
+
 def test_top_k_and_top_p_restrict_the_support_in_generate():
     model = tiny(std=0.3)
     for kw in (dict(top_k=3), dict(top_p=0.5)):
