@@ -25,11 +25,10 @@ for selection.
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import schedule
@@ -78,19 +77,13 @@ def test_evals(cfg: DemoConfig, sched: schedule.ScheduleConfig, pruned_path: str
             res = schedule.validate(test, path, f"test_{name}", Path(cfg.out_dir), budget)
             res.pop("problems")  # the per-problem numbers stay in evals/test_*.jsonl
             done[name] = res
-            write_json(cache, done)
+            schedule.write_json(cache, done)
         return done[name]
 
     base, pruned, direct = run("base", sched.model), run("thinkprune", pruned_path), run("direct", direct_path)
     budgets = sorted(set(cfg.budgets) | {round(pruned["mean_length"])})
     forcing = [{"budget": B, **run(f"budget{B}", sched.model, B)} for B in budgets]
     return base, pruned, direct, forcing
-
-
-def write_json(path: Path, obj):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def main(cfg: DemoConfig) -> dict:
@@ -102,7 +95,7 @@ def main(cfg: DemoConfig) -> dict:
         t = time.time()
         result = fn(*args)
         seconds[name] = round(seconds.get(name, 0.0) + time.time() - t, 1)
-        write_json(out / "seconds.json", seconds)
+        schedule.write_json(out / "seconds.json", seconds)
         return result
 
     # 1. the base
@@ -136,7 +129,7 @@ def write_report(cfg, state, base, pruned, direct, forcing, seconds, wall) -> di
         "test": {"problems": base["n_problems"], "samples": cfg.test_samples, "temperature": cfg.temperature,
                  "top_p": cfg.top_p},
     }
-    write_json(out / "report.json", report)
+    schedule.write_json(out / "report.json", report)
     schedule.plot_acc_vs_length({
         "base": [(base["mean_length"], base["accuracy"])],
         "ThinkPrune (final)": [(pruned["mean_length"], pruned["accuracy"])],

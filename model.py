@@ -110,20 +110,27 @@ class ModelArgs:
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: k, v are (n_layer, B, n_kv_head, S, head_dim)."""
+    """Preallocated keys and values for every layer: k, v are (n_layer, B, n_kv_head, S, head_dim).
+    A forward over b rows reads rows [:b] and cache indices [:length] only; the sampler sets `length` to
+    the prefix in use (by default all S)."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, device=None, dtype=torch.float32):
         shape = (args.num_hidden_layers, batch_size, args.num_key_value_heads, max_seq_len, args.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = max_seq_len
+        self.layers = torch.arange(args.num_hidden_layers, device=device)
 
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, n_kv, T, hd) of row b at cache indices pos[b, :]; return the layer's full cache."""
-        idx = pos[:, None, :, None].expand(-1, k.size(1), -1, k.size(3))  # (B, n_kv, T, hd)
-        kc, vc = self.k[layer], self.v[layer]
-        kc.scatter_(2, idx, k)
-        vc.scatter_(2, idx, v)
-        return kc, vc
+        """Write k, v (B, n_kv, T, hd) of row b at cache indices pos[b, :]; return the layer's keys and
+        values (B, n_kv, length, hd)."""
+        B = k.size(0)
+        # One index_put_ into the whole buffer (the layer is a tensor index, not a view): torch.compile
+        # keeps that in place, where a write into the view self.k[layer] became a copy of the layer's cache.
+        idx = (self.layers[layer:layer + 1], torch.arange(B, device=k.device)[:, None], slice(None), pos)
+        self.k[idx] = k.transpose(1, 2)  # (B, T, n_kv, hd): the advanced-index dims come first
+        self.v[idx] = v.transpose(1, 2)
+        return self.k[layer, :B, :, :self.length], self.v[layer, :B, :, :self.length]
 
 
 class RMSNorm(nn.Module):

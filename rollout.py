@@ -52,7 +52,6 @@ cache is SDPA with a boolean mask, so it reads padding up to the rounded prefix 
 per step checks whether any row stopped.
 """
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -121,8 +120,7 @@ def _inverse_cdf(w: torch.Tensor, u: torch.Tensor):
 
 def _decode(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
     """One decode step: tok, pos (B, 1) -> next-token logits (B, V) fp32. The step `compile=True` compiles."""
-    S = cache.k.size(3)
-    mask = torch.arange(S, device=pos.device) <= pos[:, :, None]  # (B, 1, S): a row sees its own past
+    mask = torch.arange(cache.length, device=pos.device) <= pos[:, :, None]  # (B, 1, S): a row sees its own past
     return model(tok, position_ids=pos, mask=mask[:, None], cache=cache)[:, -1].float()
 
 
@@ -248,10 +246,8 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
             width = new_width
 
         # 4. Decode one token for every slot in use, attending over the used prefix of the cache.
-        s_len = min(S, -(-(top + 1) // PREFIX_ROUND) * PREFIX_ROUND)
-        view = copy.copy(cache)
-        view.k, view.v = cache.k[:, :width, :, :s_len], cache.v[:, :width, :, :s_len]
-        logits = step(model, tok[:width, None], pos[:width, None], view)  # (width, V)
+        cache.length = min(S, -(-(top + 1) // PREFIX_ROUND) * PREFIX_ROUND)
+        logits = step(model, tok[:width, None], pos[:width, None], cache)  # (width, V)
         # 5. Rows that stop free their slots; the next round of admission refills them.
         slots = torch.arange(width, device=device)
         done = take(slots, *sample(logits, u[row[:width], count[:width]], temperature, top_k, top_p),

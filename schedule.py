@@ -119,11 +119,16 @@ def select(candidates: list[dict], base_acc: float, tol: float) -> tuple[dict, s
 
 # ---- state -------------------------------------------------------------------------------------------
 
+def write_json(path: Path, obj):
+    """Write JSON atomically (a temporary file, then a rename): a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def save_state(state: dict, out: Path):
     if _rank() == 0:
-        tmp = out / "schedule.json.tmp"
-        tmp.write_text(json.dumps(state, indent=1))
-        os.replace(tmp, out / "schedule.json")
+        write_json(out / "schedule.json", state)
 
 
 def load_state(cfg: ScheduleConfig, out: Path) -> dict:

@@ -162,7 +162,7 @@ def load_config(path: str | None, overrides: list[str], cls=Config):
     (lists and dicts as JSON). schedule.py and demo.py read their configs with this too."""
     cfg, types = cls(), {f.name: f.type for f in fields(cls)}
     if path:
-        ns: dict = {}
+        ns: dict = {"__file__": str(path)}  # so that a config can exec another one beside it
         exec(compile(Path(path).read_text(), path, "exec"), ns)  # its own namespace, not our globals
         for key, value in ns.items():
             if key.startswith("__") or type(value).__name__ == "module":

@@ -124,6 +124,13 @@ def test_config_file_then_overrides(tmp_path):
     assert isinstance(cfg.lr, float) and cfg.system_prompt == "a=b {L}"  # split on the first '='
 
 
+def test_stage_configs_build_on_stage1_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # configs/stage2.py and stage3.py exec stage1.py beside them, not from the cwd
+    s1, s2, s3 = (train.load_config(str(ROOT / "configs" / f"stage{i}.py"), []) for i in (1, 2, 3))
+    assert (s1.limit, s2.limit, s3.limit) == (4000, 3000, 2000)
+    assert s2.model == f"{s1.out_dir}/step_{s1.steps:06d}" and s2.lr == s1.lr and s3.out_dir == "runs/stage3"
+
+
 @pytest.mark.parametrize("text, overrides, message", [
     ("limt = 3\n", [], "unknown config key 'limt'"),
     ("limit = '3'\n", [], "limit = '3' should be a int"),
