@@ -38,13 +38,16 @@ whose mass reaches top_p; the top token always stays). `logprobs` are the log-pr
 tokens under exactly that distribution, which is what the trainer's importance ratio needs as the
 "old" policy. temperature=0 is greedy and its logprobs are those of the plain softmax.
 
-Speed (bench/rollout.py, 16 prompts x 8 samples x 256 tokens, CPU, 2 threads, same weights): against
-transformers' generate, 1.7-2.0x on the 0.9M toy shape, 1.3-1.7x on a 40M Qwen2 shape (across runs on a
-shared machine). Short of 3x because on CPU both sides are bound by the same work: at 40M a step is
-mostly matmuls (half of it the 32k-vocab head), then SDPA and the vocabulary-wide cumsum of sampling;
-at 0.9M it is mostly reading the keys and values. Our gains: each prompt prefilled once, no per-step cache growth, a GQA-free decode attention in
-model.py. `compile=True` is for CUDA: on this CPU inductor's decode step was slower than eager (toy, 128
-rows: 190 vs 25 ms; 40M: 880 vs 195 ms) after ~45 s of compiling.
+Speed (bench/rollout.py --repeats 3, 16 prompts x 8 samples x 256 tokens, CPU, 2 threads, same weights):
+against transformers' generate, 1.5-2.0x on the 0.9M toy shape and 2.1-2.4x on a 40M Qwen2 shape (across
+runs on a shared machine). Short of 3x because on CPU both sides pay for the same work. Per decode step of
+the 40M shape (128 rows, ~100 ms): matmuls ~50 ms (a fifth of the step is the 32k-vocab head), SDPA over
+the cache ~18 ms, elementwise ops ~18 ms (on 2 cores most of that is waking the second OpenMP thread),
+sampling ~6 ms (mostly page faults of fresh 16 MB buffers). Our gains: each prompt prefilled once, no
+per-step cache growth, a GQA-free decode attention in model.py, a two-level inverse-CDF search instead
+of a vocabulary-wide cumsum (sampling 29 -> 6 ms per step at 32k). `compile=True` is for CUDA: on this
+CPU the compiled 40M step is ~6% faster than eager (135 vs 144 ms, measured under load) after ~25 s of
+compiling; before the cache write became an index_put_ into the whole buffer it was 5x slower.
 
 Simplifications: the model's logits are computed for every prompt position at prefill and only the last
 is used (prefill is chunked so that a chunk's logits stay under ~2^28 elements); attention over the
