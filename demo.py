@@ -3,7 +3,7 @@ The embedded ThinkPrune run: a tiny long-thinking model, built here and pruned o
 
     python demo.py                                  # everything, into runs/demo/
     python demo.py configs/demo.py --out_dir=runs/x # --key=value overrides the config file
-    python demo.py configs/demo_ci.py               # the shortened run the tests use
+    python demo.py --toy='{"steps":3000}'          # lists and dicts as JSON
 
 What it runs, each step skipped when its result is already on disk (kill it and run it again: it resumes):
 1. The base model (`toy.build`): problems in runs/demo/data/{train,val,test}.jsonl, a tokenizer, and a
@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import eval as ev
 import schedule
 import toy
 import train
@@ -117,7 +118,7 @@ def main(cfg: DemoConfig) -> dict:
 
 def write_report(cfg, state, base, pruned, direct, forcing, seconds, wall) -> dict:
     out = Path(cfg.out_dir)
-    head = schedule.ev.headline
+    head = ev.headline
     stages = [{"limit": st["limit"], "selected_step": st["selected"]["step"],
                **head(st["evals"][f"step_{st['selected']['step']:06d}"])} for st in state["stages"]]
     report = {
@@ -166,5 +167,6 @@ def _commit() -> str:
 
 
 if __name__ == "__main__":
-    path = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else "configs/demo.py"
+    default = str(Path(__file__).resolve().parent / "configs" / "demo.py")  # from any cwd
+    path = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else default
     main(train.load_config(path, [a for a in sys.argv[1:] if a.startswith("--")], DemoConfig))

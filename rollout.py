@@ -45,9 +45,10 @@ the 40M shape (128 rows, ~100 ms): matmuls ~50 ms (a fifth of the step is the 32
 the cache ~18 ms, elementwise ops ~18 ms (on 2 cores most of that is waking the second OpenMP thread),
 sampling ~6 ms (mostly page faults of fresh 16 MB buffers). Our gains: each prompt prefilled once, no
 per-step cache growth, a GQA-free decode attention in model.py, a two-level inverse-CDF search instead
-of a vocabulary-wide cumsum (sampling ~20 -> ~6 ms per step at 32k, by the profiler). `compile=True` is for CUDA: on this
-CPU the compiled 40M step is ~6% faster than eager (135 vs 144 ms, measured under load) after ~25 s of
-compiling; before the cache write became an index_put_ into the whole buffer it was 5x slower.
+of a vocabulary-wide cumsum (sampling ~20 -> ~6 ms per step at 32k, by the profiler). `compile=True` is
+for CUDA: on this CPU the compiled 40M step is ~6% faster than eager (135 vs 144 ms, measured under
+load) after ~25 s of compiling; before the cache write became an index_put_ into the whole buffer it
+was 5x slower.
 
 Simplifications: the model's logits are computed for every prompt position at prefill and only the last
 is used (prefill is chunked so that a chunk's logits stay under ~2^28 elements); attention over the
