@@ -259,8 +259,11 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
-    def forward(self, input_ids, position_ids=None, mask=None, cache: KVCache | None = None, cu_seqlens=None):
-        """input_ids (B, T) -> logits (B, T, V). See the module docstring for position_ids, mask, cache, cu_seqlens."""
+    def forward(self, input_ids, position_ids=None, mask=None, cache: KVCache | None = None, cu_seqlens=None,
+                logits_at: torch.Tensor | None = None):
+        """input_ids (B, T) -> logits (B, T, V). See the module docstring for position_ids, mask, cache, cu_seqlens.
+        logits_at (B, k): only these positions go through the head -> logits (B, k, V). A sampler's prefill
+        needs one position per prompt, and the head's (B, T, V) output dwarfs everything else at 152k vocab."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -270,6 +273,8 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids)
         for block in self.layers:
             x = block(x, cos, sin, position_ids, mask, cache, cu_seqlens)
+        if logits_at is not None:
+            x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, k, H)
         return self.lm_head(self.norm(x))
 
     # ---- Hugging Face checkpoint directories -------------------------------------------------------------

@@ -50,10 +50,8 @@ for CUDA: on this CPU the compiled 40M step is ~6% faster than eager (135 vs 144
 load) after ~25 s of compiling; before the cache write became an index_put_ into the whole buffer it
 was 5x slower.
 
-Simplifications: the model's logits are computed for every prompt position at prefill and only the last
-is used (prefill is chunked so that a chunk's logits stay under ~2^28 elements); attention over the
-cache is SDPA with a boolean mask, so it reads padding up to the rounded prefix length; one host sync
-per step checks whether any row stopped.
+Simplifications: attention over the cache is SDPA with a boolean mask, so it reads padding up to the
+rounded prefix length; one host sync per step checks whether any row stopped.
 """
 
 from dataclasses import dataclass
@@ -63,8 +61,8 @@ import torch.nn.functional as F
 
 from model import KVCache, Transformer
 
-PREFIX_ROUND = 64  # attend over the cache prefix rounded up to this many positions (few distinct shapes)
-PREFILL_LOGITS = 2**28  # max elements of one prefill chunk's (B, T, V) logits
+PREFIX_ROUND = 16  # attend over the cache prefix rounded up to this many positions
+PREFILL_TOKENS = 2**15  # max padded tokens in one prefill forward (bounds its activations and cache)
 CDF_BLOCK = 128  # columns per block of the two-level inverse-CDF search in `sample`
 
 
@@ -77,14 +75,17 @@ class Rollout:
     prompt_index: torch.Tensor  # (N,) long, row i continues prompts[prompt_index[i]] = i // n
 
 
-def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           overwrite: bool = False):
     """One token per row by inverse-CDF sampling with the given uniforms.
-    logits (B, V) fp32, u (B,) in [0, 1) -> tokens (B,) long, logprobs (B,) fp32 under the sampling distribution."""
+    logits (B, V) fp32, u (B,) in [0, 1) -> tokens (B,) long, logprobs (B,) fp32 under the sampling distribution.
+    overwrite: work in `logits` itself. The decode loop owns its logits, and on CPU a fresh (B, V) buffer
+    per step costs more in page faults than the arithmetic (40M bench shape: 3.4 of ~5 ms of sampling)."""
     if temperature == 0:
         tok = logits.argmax(-1, keepdim=True)
         return tok[:, 0], (logits.gather(-1, tok) - logits.logsumexp(-1, keepdim=True))[:, 0]
     if temperature != 1:
-        logits = logits / temperature
+        logits = logits.div_(temperature) if overwrite else logits / temperature
     idx = None  # vocabulary ids of the columns of `logits` once it is sorted/truncated
     if 0 < top_k < logits.size(-1):
         logits, idx = logits.topk(top_k, dim=-1)  # (B, k), descending
@@ -95,10 +96,11 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_
         mass_before = p.cumsum(-1) - p  # exactly 0 for the top token, so it always stays
         logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
     m = logits.amax(-1, keepdim=True)
-    w = (logits - m).exp()  # (B, K) unnormalised probabilities, 1 at the most likely token
+    w = (logits.sub_(m) if overwrite or idx is not None else logits - m).exp_()  # (B, K), 1 at the top token
     j, total = _inverse_cdf(w, u)
     tok = j if idx is None else idx.gather(-1, j)
-    return tok[:, 0], (logits.gather(-1, j) - m - total.log())[:, 0]
+    # the drawn column always has weight > 0 (see _inverse_cdf), so its log is finite
+    return tok[:, 0], (w.gather(-1, j).log() - total.log())[:, 0]
 
 
 def _inverse_cdf(w: torch.Tensor, u: torch.Tensor):
@@ -122,10 +124,14 @@ def _inverse_cdf(w: torch.Tensor, u: torch.Tensor):
     return b * CDF_BLOCK + k, total
 
 
-def _decode(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """One decode step: tok, pos (B, 1) -> next-token logits (B, V) fp32. The step `compile=True` compiles."""
+def _decode(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, u: torch.Tensor,
+            temperature: float, top_k: int, top_p: float):
+    """One decode step: feed tok at pos (B, 1), sample the next token with uniforms u (B,); returns tokens
+    and logprobs (B,). This is what `compile=True` compiles: the sampler's passes over the (B, V) logits
+    fuse with the head's output."""
     mask = torch.arange(cache.length, device=pos.device) <= pos[:, :, None]  # (B, 1, S): a row sees its own past
-    return model(tok, position_ids=pos, mask=mask[:, None], cache=cache)[:, -1].float()
+    logits = model(tok, position_ids=pos, mask=mask[:, None], cache=cache)[:, -1].float()
+    return sample(logits, u, temperature, top_k, top_p, overwrite=True)
 
 
 def _prefill(model: Transformer, prompts: list[list[int]], device, dtype):
@@ -135,16 +141,16 @@ def _prefill(model: Transformer, prompts: list[list[int]], device, dtype):
     i = 0
     while i < len(prompts):
         T = max(len(p) for p in prompts[i:])  # longest remaining: chunks never under-estimate the padding
-        rows = max(1, PREFILL_LOGITS // (T * model.args.vocab_size))
-        chunk = prompts[i:i + rows]
+        chunk = prompts[i:i + max(1, PREFILL_TOKENS // T)]
         T = max(len(p) for p in chunk)
         ids = torch.tensor([p + [0] * (T - len(p)) for p in chunk], device=device)  # (B, T)
         pos = torch.arange(T, device=device).expand(len(chunk), T)
         mask = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(len(chunk), 1, T, T)
+        last = torch.tensor([[len(p) - 1] for p in chunk], device=device)  # (B, 1)
         cache = KVCache(model.args, len(chunk), T, device, dtype)
-        logits = model(ids, position_ids=pos, mask=mask, cache=cache)  # (B, T, V)
+        logits = model(ids, position_ids=pos, mask=mask, cache=cache, logits_at=last)  # (B, 1, V)
         for b, p in enumerate(chunk):  # padding sits after each prompt's end, so causal attention ignores it
-            out.append((cache.k[:, b, :, :len(p)], cache.v[:, b, :, :len(p)], logits[b, len(p) - 1].float()))
+            out.append((cache.k[:, b, :, :len(p)], cache.v[:, b, :, :len(p)], logits[b, 0].float()))
         i += len(chunk)
     return out
 
@@ -251,11 +257,10 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
 
         # 4. Decode one token for every slot in use, attending over the used prefix of the cache.
         cache.length = min(S, -(-(top + 1) // PREFIX_ROUND) * PREFIX_ROUND)
-        logits = step(model, tok[:width, None], pos[:width, None], cache)  # (width, V)
+        new_tok, new_lp = step(model, tok[:width, None], pos[:width, None], cache, u[row[:width], count[:width]],
+                               temperature, top_k, top_p)
         # 5. Rows that stop free their slots; the next round of admission refills them.
-        slots = torch.arange(width, device=device)
-        done = take(slots, *sample(logits, u[row[:width], count[:width]], temperature, top_k, top_p),
-                    pos[:width] + 1)
+        done = take(torch.arange(width, device=device), new_tok, new_lp, pos[:width] + 1)
         running -= done
         top += 1
         if done:  # the longest row may have stopped: tighten the bound (one more host sync, rarely)

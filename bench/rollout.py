@@ -12,6 +12,12 @@ prefills each prompt n times (num_return_sequences expands the input first); we 
 is part of what is measured. Tokens/s counts generated tokens only, wall clock, after one warm-up call
 per side (best of --repeats alternating runs). Prints one JSON line per model.
 
+OpenMP's wait policy is left as the environment has it (both sides share it; the JSON says which). The
+default spins between parallel regions, which is fastest on an idle machine; on a machine shared with
+other jobs the spinning threads fight them (a 40M step took 100-350 ms instead of ~100), and
+OMP_WAIT_POLICY=PASSIVE is the setting to measure with. PASSIVE costs each side the same ~20 ms per 40M
+step in thread wake-ups, so it lowers the ratio (from 2.9x to 2.5x in one quiet-machine comparison).
+
 The GPU run (skipped cleanly without CUDA) times ours on a DeepSeek-R1-Distill-Qwen-1.5B-shaped model
 in bf16 and compares it with the memory-bandwidth roofline: each decode step must read every weight once
 plus every live row's keys/values, so tokens/s <= rows * bandwidth / (weight bytes + KV bytes read per
@@ -25,11 +31,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
-# OpenMP threads that busy-wait between parallel regions fight every other process on a shared 2-core
-# machine: one decode step of ours took 100-350 ms with the default policy and 14 ms with PASSIVE.
-# Set before torch loads OpenMP; it applies to both sides alike.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
@@ -86,7 +87,9 @@ def cpu_run(name, n_prompts, n, new_tokens, compile, repeats):
         model.save_pretrained(d)
         hf = Qwen2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     prompts = make_prompts(n_prompts, model.args.vocab_size)
-    ours(model, prompts[:2], 2, 8, compile)  # warm-up (and compile) on a small call
+    if compile:  # compile for the shapes of the timed run (batch width, cache prefix lengths)
+        ours(model, prompts, n, new_tokens, compile)
+    ours(model, prompts[:2], 2, 8, compile)  # warm-up on a small call
     theirs(hf, prompts[:2], 2, 8)
     a = b = 0.0
     for _ in range(repeats):  # alternate the two sides so that load from other processes hits both; keep the best
@@ -95,7 +98,7 @@ def cpu_run(name, n_prompts, n, new_tokens, compile, repeats):
     params = sum(p.numel() for p in model.parameters())
     return dict(model=name, params_M=round(params / 1e6, 1), device="cpu", threads=torch.get_num_threads(),
                 prompts=n_prompts, samples=n, new_tokens=new_tokens, compile=compile, repeats=repeats,
-                omp_wait_policy=os.environ["OMP_WAIT_POLICY"],
+                omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
                 ours_tok_s=round(a, 1), transformers_tok_s=round(b, 1), ratio=round(a / b, 2))
 
 

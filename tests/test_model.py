@@ -42,8 +42,12 @@ def test_transformers_checkpoint_loads_with_same_logits(shape, tmp_path):
     ref.save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path, device="cpu")
     x = tokens(shape[6])
+    at = torch.tensor([[16, 0, 5], [3, 3, 9]])  # (B, k) positions for logits_at, repeats allowed
     with torch.no_grad():
-        torch.testing.assert_close(ours(x), ref(x).logits, atol=1e-4, rtol=1e-4)
+        full = ref(x).logits  # (B, T, V)
+        torch.testing.assert_close(ours(x), full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours(x, logits_at=at), full.gather(1, at[:, :, None].expand(-1, -1, full.size(-1))),
+                                   atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("shape", SHAPES[:2])

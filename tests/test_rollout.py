@@ -5,6 +5,7 @@ do not change the result, the hard cutoff and EOS, and the sampling rules (greed
 import pytest
 import torch
 
+import rollout
 from model import ModelArgs, Transformer
 from rollout import generate, sample
 
@@ -75,9 +76,10 @@ def test_logprobs_equal_one_forward_pass(temperature, top_k):
         assert (ro.logprobs[i, len(comp):] == 0).all() and (ro.tokens[i, len(comp):] == 0).all()
 
 
-def test_batched_equals_one_at_a_time():
-    """Prompts of different lengths: one slot (each sequence alone) and many slots give the same samples;
-    greedy completions also equal those of each prompt generated on its own."""
+def test_batched_equals_one_at_a_time(monkeypatch):
+    """Prompts of different lengths: one slot (each sequence alone) and many slots give the same samples,
+    as does a prefill of one prompt per forward; greedy completions also equal those of each prompt
+    generated on its own."""
     model = tiny(std=0.3)
     kw = dict(n=3, max_new_tokens=10, temperature=1.0, seed=5)
     one = generate(model, PROMPTS, max_batch=1, **kw)
@@ -85,6 +87,10 @@ def test_batched_equals_one_at_a_time():
         many = generate(model, PROMPTS, max_batch=max_batch, **kw)
         assert completions(many) == completions(one)
         torch.testing.assert_close(many.logprobs, one.logprobs, atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(rollout, "PREFILL_TOKENS", 1)
+    chunked = generate(model, PROMPTS, max_batch=64, **kw)
+    assert completions(chunked) == completions(one)
+    torch.testing.assert_close(chunked.logprobs, one.logprobs, atol=1e-5, rtol=1e-5)
     batched = generate(model, PROMPTS, n=2, max_new_tokens=10, temperature=0)
     alone = [generate(model, [p], n=2, max_new_tokens=10, temperature=0) for p in PROMPTS]
     assert completions(batched) == [c for ro in alone for c in completions(ro)]
