@@ -48,8 +48,8 @@ step. The toy shape is mostly attention and per-op overhead, which both sides pa
 ratio; compiling removes part of the overhead. Our gains: each prompt prefilled once (logits at its
 last position only), no per-step cache growth, a GQA-free decode attention (model.py), attention over
 the cache prefix in use only, and sampling without a vocabulary-wide cumsum or a fresh (B, V) buffer.
-With OMP_WAIT_POLICY=PASSIVE, the setting for a shared
-machine, each side pays ~20 ms more per 40M step in thread wake-ups: 2.4x (40M) and 1.5x (toy), eager.
+With OMP_WAIT_POLICY=PASSIVE, the setting for a shared machine, each side pays ~20 ms more per 40M step
+in thread wake-ups: 2.4x (40M) and 1.5x (toy), eager.
 `compile=True` compiles the decode step with its sampling: ~20-30 s of compiling on these shapes (CPU),
 so it pays off in long runs only. It has not been measured on CUDA.
 
@@ -99,6 +99,7 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_
         mass_before = p.cumsum(-1) - p  # exactly 0 for the top token, so it always stays
         logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
     m = logits.amax(-1, keepdim=True)
+    # in place when logits is ours: the caller's to overwrite, or made by topk/sort above
     w = (logits.sub_(m) if overwrite or idx is not None else logits - m).exp_()  # (B, K), 1 at the top token
     j, total = _inverse_cdf(w, u)
     tok = j if idx is None else idx.gather(-1, j)
@@ -130,8 +131,8 @@ def _inverse_cdf(w: torch.Tensor, u: torch.Tensor):
 def _decode(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, u: torch.Tensor,
             temperature: float, top_k: int, top_p: float):
     """One decode step: feed tok at pos (B, 1), sample the next token with uniforms u (B,); returns tokens
-    and logprobs (B,). This is what `compile=True` compiles: the sampler's passes over the (B, V) logits
-    fuse with the head's output."""
+    and logprobs (B,). This is what `compile=True` compiles, sampling included, so that the sampler's
+    elementwise passes over the (B, V) logits fuse into few kernels."""
     mask = torch.arange(cache.length, device=pos.device) <= pos[:, :, None]  # (B, 1, S): a row sees its own past
     logits = model(tok, position_ids=pos, mask=mask[:, None], cache=cache)[:, -1].float()
     return sample(logits, u, temperature, top_k, top_p, overwrite=True)
