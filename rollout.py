@@ -87,6 +87,7 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_
     if temperature == 0:
         tok = logits.argmax(-1, keepdim=True)
         return tok[:, 0], (logits.gather(-1, tok) - logits.logsumexp(-1, keepdim=True))[:, 0]
+    given = logits
     if temperature != 1:
         logits = logits.div_(temperature) if overwrite else logits / temperature
     idx = None  # vocabulary ids of the columns of `logits` once it is sorted/truncated
@@ -99,8 +100,8 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_
         mass_before = p.cumsum(-1) - p  # exactly 0 for the top token, so it always stays
         logits = logits.masked_fill(mass_before >= top_p, float("-inf"))
     m = logits.amax(-1, keepdim=True)
-    # in place when logits is ours: the caller's to overwrite, or made by topk/sort above
-    w = (logits.sub_(m) if overwrite or idx is not None else logits - m).exp_()  # (B, K), 1 at the top token
+    own = overwrite or logits is not given  # in place unless it is the caller's tensor, to be kept
+    w = (logits.sub_(m) if own else logits - m).exp_()  # (B, K) unnormalised probabilities, 1 at the top token
     j, total = _inverse_cdf(w, u)
     tok = j if idx is None else idx.gather(-1, j)
     # the drawn column always has weight > 0 (see _inverse_cdf), so its log is finite

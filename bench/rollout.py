@@ -88,9 +88,8 @@ def cpu_run(name, n_prompts, n, new_tokens, compile, repeats):
         model.save_pretrained(d)
         hf = Qwen2ForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     prompts = make_prompts(n_prompts, model.args.vocab_size)
-    if compile:  # compile for the shapes of the timed run (batch width, cache prefix lengths)
-        ours(model, prompts, n, new_tokens, compile)
-    ours(model, prompts[:2], 2, 8, compile)  # warm-up on a small call
+    # warm-up; compiling needs the timed run's shapes (batch widths, cache prefix lengths), eager does not
+    ours(model, *((prompts, n, new_tokens) if compile else (prompts[:2], 2, 8)), compile)
     theirs(hf, prompts[:2], 2, 8)
     a = b = 0.0
     for _ in range(repeats):  # alternate the two sides so that load from other processes hits both; keep the best
