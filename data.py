@@ -7,8 +7,10 @@ Problem files in, prompt token ids out.
 Choices:
 - A problem file is JSONL, one object per line with non-empty string `problem` and `answer` (an answer
   given as a JSON number, as user files often do, becomes its string: 42 -> "42", 0.5 -> "0.5"). Rows
-  without an `id` get "<file stem>-<line>". Parquet (same columns) is read when pyarrow is installed.
-  A bad row stops the run with `file:line: key ...`: a silently skipped row would change the data order.
+  without an `id` get "<file stem>-<line>"; ids become strings and must be unique (evaluation averages
+  per problem by id, so two problems under one id would be merged). Parquet (same columns) is read when
+  pyarrow is installed. A bad row stops the run with `file:line: key ...`: a silently skipped row would
+  change the data order.
 - The prompt is the model's own chat template (`add_generation_prompt=True`), so R1-Distill gets its
   `<｜User｜>...<｜Assistant｜><think>\\n` wrapper. The user turn is the problem plus the instruction
   ThinkPrune's official code uses for DeepSeek models. With a limit, a system turn carries
@@ -19,6 +21,7 @@ Choices:
 """
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,9 +34,11 @@ INSTRUCTION = "Let's think step by step and output the final answer within \\box
 def _check_row(row, where: str) -> dict:
     if not isinstance(row, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "id" in row and (not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool) or row["id"] == ""):
+        raise ValueError(f"{where}: key 'id' must be a non-empty string or an integer, got {row['id']!r}")
     for key in ("problem", "answer"):
         v = row.get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and key == "answer":
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and key == "answer" and math.isfinite(v):
             v = str(v)
         if not isinstance(v, str) or not v.strip():
             raise ValueError(f"{where}: key {key!r} must be a non-empty string, got {v!r}")
@@ -55,17 +60,21 @@ def load_problems(path) -> list[dict]:
         lines = [(i + 1, r) for i, r in enumerate(records)]  # "line" = 1-based row number
     else:
         lines = []
-        for i, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        # split at "\n" only: str.splitlines would also split at U+2028 etc., which JSON strings may hold
+        for i, text in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
             if not text.strip():
                 continue
             try:
                 lines.append((i, json.loads(text)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    rows = []
+            except ValueError as e:  # a JSONDecodeError, or an integer too long to convert
+                raise ValueError(f"{path}:{i}: not valid JSON ({getattr(e, 'msg', e)})") from None
+    rows, line_of = [], {}  # line_of: id -> the line that first used it
     for i, row in lines:
         row = _check_row(row, f"{path}:{i}")
-        row.setdefault("id", f"{path.stem}-{i}")
+        row["id"] = str(row.get("id", f"{path.stem}-{i}"))
+        if row["id"] in line_of:
+            raise ValueError(f"{path}:{i}: id {row['id']!r} is already used on line {line_of[row['id']]}")
+        line_of[row["id"]] = i
         rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no problems in the file")

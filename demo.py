@@ -67,18 +67,22 @@ def schedule_config(cfg: DemoConfig, name: str, stages: list) -> schedule.Schedu
 
 
 def test_evals(cfg: DemoConfig, sched: schedule.ScheduleConfig, pruned_path: str, direct_path: str):
-    """schedule.validate on the test set instead of validation; each result cached in runs/demo/test.json."""
+    """schedule.validate on the test set instead of validation; each result cached in runs/demo/test.json
+    with the settings it was made with (other settings: everything is evaluated again)."""
     test = dataclasses.replace(sched, val_data=str(Path(cfg.out_dir) / "data" / "test.jsonl"),
                                val_n_problems=cfg.test_n_problems, val_samples=cfg.test_samples)
     cache = Path(cfg.out_dir) / "test.json"
     done = json.loads(cache.read_text()) if cache.is_file() else {}
+    settings = {k: getattr(test, k) for k in schedule.VALIDATION_KEYS}
+    if done.get("settings") != settings:
+        done = {"settings": settings}
 
     def run(name, path, budget=None):
         if name not in done:
             res = schedule.validate(test, path, f"test_{name}", Path(cfg.out_dir), budget)
             res.pop("problems")  # the per-problem numbers stay in evals/test_*.jsonl
             done[name] = res
-            schedule.write_json(cache, done)
+            ev.write_json(cache, done)
         return done[name]
 
     base, pruned, direct = run("base", sched.model), run("thinkprune", pruned_path), run("direct", direct_path)
@@ -96,13 +100,12 @@ def main(cfg: DemoConfig) -> dict:
         t = time.time()
         result = fn(*args)
         seconds[name] = round(seconds.get(name, 0.0) + time.time() - t, 1)
-        schedule.write_json(out / "seconds.json", seconds)
+        ev.write_json(out / "seconds.json", seconds)
         return result
 
-    # 1. the base
-    if not (out / "base" / "model.safetensors").is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        timed("base", toy.build, toy.ToyConfig(out=str(out), **cfg.toy))
+    # 1. the base (built once; a rerun with other toy settings is refused, not silently given the old base)
+    out.mkdir(parents=True, exist_ok=True)
+    timed("base", toy.ensure_base, toy.ToyConfig(out=str(out), **cfg.toy))
     # 2. ThinkPrune, 3. direct pruning at the last limit with the same total number of steps
     sched = schedule_config(cfg, "thinkprune", cfg.stages)
     state = timed("thinkprune", schedule.run_schedule, sched)
@@ -130,7 +133,7 @@ def write_report(cfg, state, base, pruned, direct, forcing, seconds, wall) -> di
         "test": {"problems": base["n_problems"], "samples": cfg.test_samples, "temperature": cfg.temperature,
                  "top_p": cfg.top_p},
     }
-    schedule.write_json(out / "report.json", report)
+    ev.write_json(out / "report.json", report)
     schedule.plot_acc_vs_length({
         "base": [(base["mean_length"], base["accuracy"])],
         "ThinkPrune (final)": [(pruned["mean_length"], pruned["accuracy"])],

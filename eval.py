@@ -29,10 +29,12 @@ Choices:
   "</think>\\n\\n**Final Answer:**\\n\\n"), or nothing if it has, and then `answer_budget` more tokens to
   finish. Rows that ended within B are graded as they are. The reported length counts every token of the
   output: the thinking, the cue and the answer.
-- Under torchrun, rank r takes problems r, r+W, r+2W, ... and samples with seed + 1000 r (so the numbers
-  depend on the world size, as sampled numbers do); the records are gathered on rank 0, which computes
-  the aggregates and broadcasts them, so every rank returns the same numbers (the per-completion records
-  come back on rank 0 only).
+- Sampling is seeded per problem, by `seed` and the problem's index in the list (rollout.generate with
+  one seed per prompt): a problem gets the same samples whichever other problems share its batch, so
+  every checkpoint is validated on common random numbers and the numbers do not depend on the world size.
+- Under torchrun, rank r takes problems r, r+W, r+2W, ...; the records are gathered on rank 0, which
+  computes the aggregates and broadcasts them, so every rank returns the same numbers (the
+  per-completion records come back on rank 0 only).
 """
 
 import argparse
@@ -102,6 +104,11 @@ def eos_ids(model, tokenizer) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
+def problem_seed(seed: int, i: int) -> int:
+    """The sampling seed of problem i (or of a budget-forcing tail) under the run's seed."""
+    return (seed * 1_000_003 + i) % 2**63
+
+
 def _rank_world():
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -111,10 +118,11 @@ def _rank_world():
 # ---- sampling ------------------------------------------------------------------------------------------
 
 def budget_force(model, tokenizer, prompts: list[list[int]], n: int, budget: int, answer_budget: int,
-                 temperature: float, top_p: float, seed: int, eos: tuple[int, ...], **gen_kw):
+                 temperature: float, top_p: float, seeds: list[int], eos: tuple[int, ...], **gen_kw):
     """Budget forcing: sample up to `budget` tokens; rows still open get the cue (if their thinking is
-    still open) and `answer_budget` more tokens. Returns (Rollout of the whole outputs, forced (N,) bool)."""
-    first = generate(model, prompts, n, budget, temperature=temperature, top_p=top_p, eos_ids=eos, seed=seed,
+    still open) and `answer_budget` more tokens. seeds: one per prompt. Returns (Rollout of the whole
+    outputs, forced (N,) bool)."""
+    first = generate(model, prompts, n, budget, temperature=temperature, top_p=top_p, eos_ids=eos, seed=seeds,
                      **gen_kw)
     cue = tokenizer.encode(FORCE_CUE, add_special_tokens=False)
     N = first.tokens.size(0)
@@ -127,8 +135,11 @@ def budget_force(model, tokenizer, prompts: list[list[int]], n: int, budget: int
         heads[i] = head
     tails = None
     if open_rows:  # one continuation per open row, from its own prompt + what it wrote so far
+        # row i = sample i % n of its prompt: its own seed, from the prompt's, so a row's tail does not
+        # depend on which other rows were still open
         tails = generate(model, [prompts[first.prompt_index[i]] + heads[i] for i in open_rows], 1, answer_budget,
-                         temperature=temperature, top_p=top_p, eos_ids=eos, seed=seed + 1, **gen_kw)
+                         temperature=temperature, top_p=top_p, eos_ids=eos, **gen_kw,
+                         seed=[problem_seed(seeds[first.prompt_index[i]], 1 + i % n) for i in open_rows])
     tail_of = {i: k for k, i in enumerate(open_rows)}  # open row -> its row in `tails`
     rows, logps, finished = [], [], first.finished.clone()
     for i in range(N):
@@ -200,18 +211,18 @@ def evaluate(model, tokenizer, problems: list[dict], samples: int, max_new_token
     prompts = [build_prompt(tokenizer, p["problem"], limit, system_prompt or "") for p in mine]
     gen_kw = {} if max_batch is None else {"max_batch": max_batch}
     eos = eos_ids(model, tokenizer)
-    seed = seed + 1000 * rank
+    seeds = [problem_seed(seed, i) for i in range(rank, len(problems), world)]  # by index in `problems`
     records = []
     if mine:
         was_training = model.training
         model.eval()
         if budget is None:
             ro = generate(model, prompts, samples, max_new_tokens, temperature=temperature, top_p=top_p,
-                          eos_ids=eos, seed=seed, **gen_kw)
+                          eos_ids=eos, seed=seeds, **gen_kw)
             forced = torch.zeros(ro.tokens.size(0), dtype=torch.bool)
         else:
             ro, forced = budget_force(model, tokenizer, prompts, samples, budget, answer_budget, temperature, top_p,
-                                      seed, eos, **gen_kw)
+                                      seeds, eos, **gen_kw)
         model.train(was_training)
         for i in range(ro.tokens.size(0)):
             p = mine[int(ro.prompt_index[i])]
@@ -270,6 +281,13 @@ def summarize(records: list[Completion]) -> dict:
     return out
 
 
+def write_json(path: Path, obj):
+    """Write JSON atomically (a temporary file, then a rename): a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def headline(res: dict) -> dict:
     """The numbers a summary quotes from an `evaluate` result."""
     return {"accuracy": res["accuracy"], "mean_length": res["mean_length"],
@@ -325,11 +343,18 @@ def main(argv=None):
     ap.add_argument("--budget", default="", help="budget forcing at these B, comma-separated (e.g. 500,1000,2000)")
     ap.add_argument("--answer_budget", type=int, default=256, help="tokens allowed after the forced cue")
     ap.add_argument("--ref", default=None, help="reference model dir for the perplexity of the reasoning")
-    ap.add_argument("--n_problems", type=int, default=None, help="only the first N problems of each benchmark")
+    ap.add_argument("--n_problems", type=int, default=None,
+                    help="only the first N problems of each benchmark (default: all)")
     # KV cache of R1-Distill-1.5B at 32k tokens: ~0.93 GB a row in bf16, so 32 rows ~ 30 GB
     ap.add_argument("--max_batch", type=int, default=32, help="rows decoded together (KV-cache slots)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.n_problems is not None and args.n_problems < 1:
+        ap.error(f"--n_problems={args.n_problems}: give N >= 1, or leave it out for every problem")
+    try:
+        budgets = [None] + [int(b) for b in args.budget.split(",") if b]
+    except ValueError:
+        ap.error(f"--budget={args.budget}: expected token counts, comma-separated")
 
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -340,15 +365,15 @@ def main(argv=None):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # every benchmark is read before any model is loaded: a bad name fails now, not after hours of sampling
+    benches = {name: load_problems(benchmark_path(name))[:args.n_problems] for name in args.data.split(",")}
     ref = load_model(args.ref, device) if args.ref else None
-    budgets = [None] + [int(b) for b in args.budget.split(",") if b]
     runs, out = [], Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rec_file = open(out / "records.jsonl", "w") if rank == 0 else None
     for ckpt in args.ckpt.split(","):
         model, tokenizer = load_model(ckpt, device)
-        for name in args.data.split(","):
-            problems = load_problems(benchmark_path(name))[:args.n_problems]
+        for name, problems in benches.items():
             k = args.samples or samples_for(name)
             for B in budgets:
                 res = evaluate(model, tokenizer, problems, k, args.max_new_tokens, args.temperature, args.top_p,
@@ -360,16 +385,18 @@ def main(argv=None):
                 if rank == 0:
                     for r in records:
                         rec_file.write(json.dumps({"ckpt": ckpt, "data": name, "budget": B, **asdict(r)}) + "\n")
+                    rec_file.flush()
+                    # after every run, so that a kill or a crash later keeps what is done
+                    write_json(out / "eval.json", {"args": vars(args), "runs": runs})
                     print(f"{ckpt} {name} B={B or '-'}: pass@1 {100 * res['accuracy']:.1f}% "
                           f"mean len {res['mean_length']:.0f} truncated {100 * res['truncation_rate']:.1f}% "
                           f"({res['seconds']:.0f}s)", flush=True)
         del model
     if rank == 0:
         rec_file.close()
-        (out / "eval.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=2))
         plain = [r for r in runs if r["budget"] is None]
         md = ["# Evaluation", "", results_table(runs), ""]
-        for name in args.data.split(","):
+        for name in benches:
             md += [f"## Keywords: {name}", "", keyword_table([r for r in plain if r["data"] == name]), ""]
         (out / "eval.md").write_text("\n".join(md))
         print("\n".join(md))

@@ -7,28 +7,35 @@
 
 How an answer is compared (each rule is pinned by a test in tests/test_reward.py):
 1. Extraction: the last \\boxed{...} (or \\boxed 5, \\fbox{...}) after the last </think>; a completion
-   whose thinking never closed, or that gives nothing after it, has no answer. Fallbacks: "the answer
-   is X", then a short one-line text taken as a bare answer.
+   that gives nothing after it, or that opens <think> itself and never closes it, has no answer.
+   With a prompt that opens thinking (R1's template and the toy's end in "<think>\\n") a completion
+   has no <think>, so one without </think> is read whole (DeepScaleR's reward instead gives 0 when
+   </think> is missing). Fallbacks: "the answer is X" (the last, case ignored), then a short
+   one-line text taken as a bare answer.
 2. Normalisation (strings only): \\dfrac/\\tfrac, \\left/\\right, spacing commands, $, \\text{} (a
    trailing \\text{...} is a unit and is dropped, a whole-answer \\text{...} is unwrapped), a short list
-   of plain unit words, degrees, %, thousands separators, base subscripts (52_8 matches 52, not 42:
-   the problem asked for the digits), \\approx and what follows, repeating decimals
+   of plain unit words, degrees, %, thousands separators (10,\\!080 and 1{,}000 anywhere, a plain
+   comma only in a number that is the whole answer or follows "x ="), base subscripts (52_8 matches
+   52, not 42: the problem asked for the digits), \\approx and what follows, repeating decimals
    (1.\\overline{3} -> 4/3), \\frac12 -> \\frac{1}{2}, \\sin^{-1} -> \\arcsin, numpy names
    (np.arcsin) -> LaTeX, "(C)" -> "C", \\varnothing -> \\emptyset, \\mathbb{R} -> (-\\infty,\\infty).
 3. Structure: a bare list "a, b", a set \\{a, b\\} and a union A \\cup B are compared as multisets
-   (order ignored); a ± in an element stands for both signs; "(..)"/"[..]" with a comma is a tuple
-   or interval, compared in order with its brackets (open vs closed matters); a matrix is compared
-   entry by entry (an n x 1 or 1 x n matrix equals the tuple of its entries); "x \\in S" is S;
-   "a < x <= b" is the interval (a, b]; "x = 5" is 5 when the left side is a name (x, f(x),
-   f^{-1}(x), m_{max}, \\dot{x}, dx/dt, (x, y)), the name itself is ignored; other equations match
-   when both sides match, possibly swapped, or when lhs - rhs agree up to sign.
+   (order ignored; a union of sets by their elements); a ± in an element stands for both signs;
+   "(..)"/"[..]" with a comma is a tuple or interval, compared in order with its brackets (open vs
+   closed matters); a matrix is compared entry by entry (an n x 1 or 1 x n matrix equals the tuple
+   of its entries); "x \\in S" is S; "a < x <= b" is the interval (a, b]; "x = 5" is 5 when the left
+   side is a name (x, f(x), f^{-1}(x), m_{max}, \\dot{x}, dx/dt, (x, y)), the name itself is ignored,
+   except when both answers list 2+ values each as "name = value": then a value counts only under
+   its own name (a=1, b=2 is not a=2, b=1); other equations match when both sides match, possibly
+   swapped, or when lhs - rhs agree up to sign.
 4. Leaves: plain numbers (integers, decimals, a/b, \\frac{a}{b}, mixed numbers, 1.5e3, 1.5 \\times
    10^{3}) are compared exactly as fractions, so a rounded decimal of an exact answer is wrong;
    words (3+ letters, and "no") are compared as text, case ignored; anything else is parsed by
    latex2sympy2_extended (a maintained ANTLR LaTeX -> sympy parser; `i` is the imaginary unit,
    \\gamma a variable, decimals exact fractions) and compared numerically at 30 digits with relative
-   tolerance 1e-20, at four fixed points for its free symbols (a randomised identity test); a
-   difference that simplifies to 0 is the fallback when numbers can't be had.
+   tolerance 1e-20, at four fixed points for its free symbols, one negative and one in (0, 1) (a
+   randomised identity test, so |x| is not x); a difference that simplifies to 0 is the fallback
+   when numbers can't be had.
 
 The bound. The parent process never imports sympy: extraction, normalisation, string equality and
 exact numbers run here in microseconds, which is the common case in training. Anything needing sympy
@@ -104,11 +111,13 @@ def extract_answer(text):
             m = re.match(r"[^\s$]+", text[j:j + MAX_ANSWER])
             ans = m.group(0) if m else None
         return ans.strip() or None if ans is not None else None
-    low = text[-10_000:].lower()
-    k = low.rfind("answer is")
-    if k >= 0:
-        ans = text[-10_000:][k + len("answer is"):].split("\n")[0]
-        ans = re.sub(r"(?i)\s*i hope it is correct\.?\s*$", "", ans).strip(" :$.")
+    # the last "answer is", case ignored, found in the text itself: lower() can change its length
+    tail = text[-10_000:]
+    ends = [m.end() for m in re.finditer(r"(?i)answer is", tail)]
+    if ends:
+        # rstrip, then a pattern with no leading \s*: linear even on a line of spaces
+        ans = tail[ends[-1]:].split("\n")[0].rstrip()
+        ans = re.sub(r"(?i)i hope it is correct\.?$", "", ans).strip(" :$.")
         return ans or None
     text = text.strip()
     if text and len(text) <= 200 and "\n" not in text:  # a bare answer
@@ -205,8 +214,9 @@ def normalize(s):
     s = re.sub(r"(\d*)\.(\d*)\\overline\{(\d+)\}", _repeating, s)
     s = re.sub(r"(^|[(\[{,])\s*\+", r"\1", s)  # +\infty, (2, +3)
     s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # 32,348 as a whole answer
-        s = s.replace(",", "")
+    m = re.fullmatch(r"((?:%s)\s*=\s*)?(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?)" % _NAME, s)
+    if m:  # 32,348 or x = 32,348 as a whole answer
+        s = (m.group(1) or "") + m.group(2).replace(",", "")
     s = re.sub(r"^\(([A-E])\)$", r"\1", s)  # a multiple-choice letter
     return s
 
@@ -304,12 +314,14 @@ def _inequality(s):
 
 
 def _elements(s):
-    """The answers a string lists: set braces dropped, split at top-level , ; \\cup, each element
-    stripped of "x \\in" and "name =", inequalities made intervals, ± expanded into both signs."""
-    if s.startswith("\\{") and s.endswith("\\}"):
-        s = s[2:-2]
+    """The answers a string lists: split at top-level \\cup, a set's braces dropped (so a union of
+    sets lists their elements), split at top-level , ; each element stripped of "x \\in" and
+    "name =", inequalities made intervals, ± expanded into both signs."""
+    # a part is a set only if its \{ closes at its very end: \{1\} \cup \{2\} is two sets, not one
+    parts = [p[2:-2] if p.startswith("\\{") and p.endswith("\\}") and _closes_at_end(p[1:]) else p
+             for p in _split(s, ["\\cup"])]
     out = []
-    for e in _split(s, [",", ";", "\\cup"]):
+    for e in (e for p in parts for e in _split(p, [",", ";"])):
         e = re.sub(r"^(?:" + _NAME + r")\s*\\in\s*", "", e)
         e = _inequality(e)
         sides = _split(e, ["="])
@@ -327,13 +339,21 @@ def _elements(s):
     return out
 
 
-def _multiset_equal(xs, ys, leaf):
+def _named(s):
+    """[(name, value), ...] if s lists 2+ elements, each "name = value" with a simple name; else None."""
+    pairs = [_split(e, ["="]) for e in _split(s, [",", ";"])]
+    if len(pairs) >= 2 and all(len(q) == 2 and re.fullmatch(_NAME, q[0]) for q in pairs):
+        return [(_key(q[0]), q[1]) for q in pairs]
+    return None
+
+
+def _multiset_equal(xs, ys, same):
     if len(xs) != len(ys):
         return False
     ys = list(ys)
     for x in xs:
         for j, y in enumerate(ys):
-            if _equiv_one(x, y, leaf):
+            if same(x, y):
                 del ys[j]
                 break
         else:
@@ -346,10 +366,13 @@ def _equiv(p, g, leaf):
         return False
     if _key(p) == _key(g):
         return True
+    np_, ng = _named(p), _named(g)
+    if np_ and ng:  # both sides name their values (a=1, b=2 vs a=2, b=1): names must pair too
+        return _multiset_equal(np_, ng, lambda x, y: x[0] == y[0] and _equiv_one(x[1], y[1], leaf))
     ps, gs = _elements(p), _elements(g)
     if len(ps) == 1 and len(gs) == 1:
         return _equiv_one(ps[0], gs[0], leaf)
-    return _multiset_equal(ps, gs, leaf)
+    return _multiset_equal(ps, gs, lambda x, y: _equiv_one(x, y, leaf))
 
 
 def _equiv_one(a, b, leaf):
@@ -487,8 +510,9 @@ def _expr_equal(x, y):
     """Equal at 30 digits (rel. 1e-20) at 4 fixed points of the free symbols; else simplify(x-y)."""
     import sympy
     syms = sorted(x.free_symbols | y.free_symbols, key=str)
-    # positive points of different sizes, so floor(m/2) and floor(m/3) part; distinct per symbol
-    scales = [sympy.Rational(n, d) for n, d in ((13, 11), (37, 7), (101, 9), (257, 13))]
+    # a negative point and one in (0, 1), so x and |x|, \sqrt{x^2}, \max(x, 0) part; larger ones of
+    # different sizes, so floor(m/2) and floor(m/3) part; distinct per symbol
+    scales = [sympy.Rational(n, d) for n, d in ((-13, 11), (3, 7), (101, 9), (257, 13))]
     points = [{s: scales[k] + sympy.Rational(j, 7) for j, s in enumerate(syms)}
               for k in range(len(scales) if syms else 1)]
     seen = 0

@@ -24,13 +24,16 @@ How it works (the numbered steps in `generate` follow this list)
 5. A row that stops frees its slot and the next waiting row takes it at once (continuous batching), so
    long-tailed lengths do not leave the batch half empty while anything is still waiting.
 
-Randomness: one `torch.Generator` per call, seeded with `seed`, draws a table u of shape
-(N, max_new_tokens) of uniforms on the CPU; token t of row i is drawn by inverse-CDF sampling with
-u[i, t]. So a row's randomness belongs to (seed, prompt, sample, step), not to the slot it ran in:
-the same seed gives the same rollout for any `max_batch`, on CPU or GPU, and "batched equals one at a
-time" holds in sampled mode too (up to float ties). One uniform per token keeps this cheap: a
-Gumbel-max draw would need V uniforms per token, per-row generators would need a Python loop per step.
-The table costs 4 bytes per possible token (1024 rows x 16k tokens = 64 MB), drawn once.
+Randomness: a `torch.Generator` seeded with `seed` draws a table u of shape (N, max_new_tokens) of
+uniforms on the CPU; token t of row i is drawn by inverse-CDF sampling with u[i, t]. So a row's
+randomness belongs to (seed, prompt, sample, step), not to the slot it ran in: the same seed gives the
+same rollout for any `max_batch`, on CPU or GPU, and "batched equals one at a time" holds in sampled
+mode too (up to float ties). `seed` may also be a list with one seed per prompt: each prompt's n rows
+of the table are then drawn from its own generator, so its samples do not depend on which other
+prompts share the call (the trainer and evaluation seed by a prompt's global index, so results do not
+depend on how prompts are split over ranks). One uniform per token keeps this cheap: a Gumbel-max draw
+would need V uniforms per token, per-row generators would need a Python loop per step. The table costs
+4 bytes per possible token (1024 rows x 16k tokens = 64 MB), drawn once.
 
 Sampling distribution: logits in fp32 (also when the model runs in bf16), divided by the temperature,
 then top-k, then top-p on the renormalised top-k distribution (the smallest set of most likely tokens
@@ -162,15 +165,18 @@ def _prefill(model: Transformer, prompts: list[list[int]], device, dtype):
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, eos_ids=None, seed: int = 0, max_batch: int = 256,
+             top_p: float = 1.0, top_k: int = 0, eos_ids=None, seed: int | list[int] = 0, max_batch: int = 256,
              compile: bool = False, pad_id: int = 0, progress: bool = False) -> Rollout:
     """Sample n completions of at most max_new_tokens for each prompt (lists of token ids).
     eos_ids: stop tokens, an int or a list; None means the model's `args.eos_token_id`, () never stops.
+    seed: an int for the whole call, or a list of one int per prompt (see Randomness above).
     max_batch: number of cache slots (rows decoded together). compile: torch.compile the decode step."""
     if n < 1 or max_new_tokens < 1 or not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs n >= 1, max_new_tokens >= 1 and non-empty prompts")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    if not isinstance(seed, int) and len(seed) != len(prompts):
+        raise ValueError(f"generate: {len(seed)} seeds for {len(prompts)} prompts (one per prompt, or one int)")
     eos_ids = model.args.eos_token_id if eos_ids is None else eos_ids
     eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     param = next(model.parameters())
@@ -188,7 +194,12 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
     out_lp = torch.zeros(N + 1, L, device=device)
     lengths = torch.zeros(N + 1, dtype=torch.long, device=device)
     finished = torch.zeros(N + 1, dtype=torch.bool, device=device)
-    u = torch.rand(N + 1, L, generator=torch.Generator().manual_seed(seed)).to(device)
+    if isinstance(seed, int):
+        u = torch.rand(N + 1, L, generator=torch.Generator().manual_seed(seed))
+    else:  # prompt p's rows from its own generator; row N (idle slots) draws nothing it needs
+        u = torch.cat([torch.rand(n, L, generator=torch.Generator().manual_seed(s)) for s in seed]
+                      + [torch.zeros(1, L)])
+    u = u.to(device)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     row = torch.full((B,), N, dtype=torch.long, device=device)  # the row each slot serves; N = idle
     count = torch.zeros(B, dtype=torch.long, device=device)  # tokens the slot's row has so far

@@ -84,15 +84,16 @@ def load_schedule_config(path: str | None, overrides: list[str]) -> ScheduleConf
     and stage/train keys that train.Config does not have, are errors naming the key."""
     cfg = train.load_config(path, overrides, cls=ScheduleConfig)  # train.py's rules: unknown keys are errors
     where = path or "overrides"
-    train_keys = {f.name for f in dataclasses.fields(train.Config)}
+    train_types = {f.name: f.type for f in dataclasses.fields(train.Config)}
     for name, d in [("train", cfg.train)] + [(f"stages[{i}]", s) for i, s in enumerate(cfg.stages)]:
         if not isinstance(d, dict):
             raise ValueError(f"{where}: {name} should be a dict of train.Config overrides")
         for key in d:
-            if key not in train_keys:
+            if key not in train_types:
                 raise ValueError(f"{where}: {name}: unknown train config key {key!r}")
-            if key in ("model", "out_dir"):
+            if key in ("model", "out_dir", "keep_last"):
                 raise ValueError(f"{where}: {name}: {key!r} is set by the schedule, not the config")
+            d[key] = train.typed(f"{where}: {name}", key, d[key], train_types[key])
     for i, s in enumerate(cfg.stages):
         if "limit" not in s or "steps" not in s:
             raise ValueError(f"{where}: stages[{i}] needs 'limit' and 'steps'")
@@ -119,16 +120,9 @@ def select(candidates: list[dict], base_acc: float, tol: float) -> tuple[dict, s
 
 # ---- state -------------------------------------------------------------------------------------------
 
-def write_json(path: Path, obj):
-    """Write JSON atomically (a temporary file, then a rename): a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
 def save_state(state: dict, out: Path):
     if _rank() == 0:
-        write_json(out / "schedule.json", state)
+        ev.write_json(out / "schedule.json", state)
 
 
 def load_state(cfg: ScheduleConfig, out: Path) -> dict:

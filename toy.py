@@ -11,9 +11,10 @@ The task. "The path is 6 9 0 2 4 3 5 1 8 7. Start at 0 and take four steps along
 -- the ten digits in a random order, a start, and 3 to 9 steps (written as a word) that stay on the
 path; the answer is a digit, near-uniform, so guessing scores about 10%. One step ("three: 0>2.") is one
 retrieval: find the current digit on the path and copy the one after it, which a small transformer
-learns as an induction head. A 3-layer model cannot chain several retrievals inside one forward pass,
-so the written steps are necessary: cut the thinking before the last step and the model can only
-guess. The number of steps, and so the necessary length, varies with the problem. (Measured and
+learns as an induction head. A shortcut exists -- the answer is the digit k places after the start --
+but the SFT'd 3-layer model does not take it: cut its thinking before the last step (budget forcing,
+README) and it scores little above guessing, so the written steps are necessary in practice. The
+number of steps, and so the necessary length, varies with the problem. (Measured and
 dropped: chains of arithmetic mod 10 -- "3+7=0, 0*3=0, ..." -- which a 0.6M model did not learn in 600
 SFT steps: the digit loss stayed at chance, ln 10, as modular tables are learned slowly.)
 
@@ -272,6 +273,26 @@ def build(cfg: ToyConfig) -> Path:
     return base
 
 
+def ensure_base(cfg: ToyConfig) -> Path:
+    """The base in {out}/base: built if absent, reused if it was built with these settings, else an error
+    (a rerun with other settings must not silently measure the old model)."""
+    base = Path(cfg.out) / "base"
+    made = base / "toy_config.json"  # build() writes it last: its presence means the base is complete
+    if not made.is_file():
+        t0 = time.time()
+        build(cfg)
+        print(f"built {base} in {time.time() - t0:.0f}s", flush=True)
+        return base
+    ignore = ("out", "threads")  # where and how fast, not what
+    old = {k: v for k, v in json.loads(made.read_text()).items() if k not in ignore}
+    now = {k: v for k, v in asdict(cfg).items() if k not in ignore}
+    if old != now:
+        diff = {k: (old.get(k), v) for k, v in now.items() if old.get(k) != v}
+        raise ValueError(f"{made}: the base was built with other settings (was, now): {diff}; "
+                         f"use another output directory or delete {base}")
+    return base
+
+
 # ---- measuring the base ---------------------------------------------------------------------------------
 
 def report(base: Path, problems: list[dict], temperature: float, max_new_tokens: int = 512) -> dict:
@@ -307,10 +328,6 @@ if __name__ == "__main__":
             raise SystemExit(f"unknown ToyConfig field {key!r}")
         over[key] = types[key](value)
     cfg = ToyConfig(out=args.out, **over)
-    base = Path(cfg.out) / "base"
-    if not (base / "model.safetensors").is_file():
-        t0 = time.time()
-        build(cfg)
-        print(f"built {base} in {time.time() - t0:.0f}s", flush=True)
+    base = ensure_base(cfg)
     torch.set_num_threads(cfg.threads)
     report(base, load_problems(Path(cfg.out) / "data" / "test.jsonl")[:args.eval_n], args.temperature)

@@ -13,12 +13,14 @@ One step, in the order `train_step` runs it:
 1. Data: a seeded permutation of the problems per epoch; step s takes the next `prompts_per_step`
    problems of that order, and rank r the r-th slice of them. The order is a pure function of
    (seed, step), so a resumed run sees exactly the problems the killed one would have.
-2. Rollout: `rollout.generate` on the *unsharded* model, n = samples_per_prompt, max_new_tokens = L.
+2. Rollout: `rollout.generate` on the *unsharded* model, n = samples_per_prompt, max_new_tokens = L,
+   each prompt's samples seeded by (seed, step, its place in the step's batch): the rollouts do not
+   depend on how many ranks share the batch.
    Every FSDP module is unsharded once and told not to reshard after forward, so decoding runs no
    collectives at all: ranks whose rows stop at different lengths never wait for each other (a
    sharded forward all-gathers per call and deadlocks as soon as one rank runs more decode steps).
 3. Reward: reward.score(text, gold, finished); unfinished -> 0.
-4. Advantage per group of G samples: (r - mean) / (std + eps) (unbiased std, as GRPO-Zero and veRL;
+4. Advantage per group of G samples: (r - mean) / (std + eps) (unbiased std, as veRL;
    `std_normalize=False` gives plain r - mean, as Dr. GRPO argues). Groups whose rewards are all equal
    carry no policy-gradient signal: they are counted and, with `skip_zero_var_groups`, left out of the
    update (their KL/entropy terms go with them).
@@ -65,7 +67,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import reward
@@ -96,12 +97,10 @@ class Config:
     # rollout
     prompts_per_step: int = 128  # global, split over ranks
     samples_per_prompt: int = 16  # G, the group size
+    # plain sampling at this temperature (no top-p/top-k): the update's log-probs are the full softmax
+    # at the same temperature, so the importance ratio starts at 1 (a truncated distribution would not)
     temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
     rollout_batch: int = 256  # KV-cache slots per generate call
-    seed_per_prompt: bool = False  # one generate call per prompt, seeded by its global index: same
-    # rollouts whatever the world size (tests); the default, one call per rank, batches better
     # GRPO
     clip_eps: float = 0.2
     kl_coef: float = 0.001  # k3 KL to the starting model; 0 -> no reference model is loaded
@@ -157,6 +156,14 @@ def _convert(key: str, value: str, typ):
         raise ValueError(f"--{key}={value}: expected {typ.__name__}") from None
 
 
+def typed(where, key: str, value, typ):
+    """`value` (from a config file) as a field of type `typ`: ints pass as floats, nothing else converts."""
+    if not (isinstance(value, typ) or (typ is float and isinstance(value, int))) or \
+            (typ is not bool and isinstance(value, bool)):
+        raise ValueError(f"{where}: {key} = {value!r} should be of type {typ.__name__}")
+    return typ(value)
+
+
 def load_config(path: str | None, overrides: list[str], cls=Config):
     """Defaults of the dataclass `cls` <- assignments in the file at `path` <- `--key=value` overrides
     (lists and dicts as JSON). schedule.py and demo.py read their configs with this too."""
@@ -169,11 +176,7 @@ def load_config(path: str | None, overrides: list[str], cls=Config):
                 continue
             if key not in types:
                 raise ValueError(f"{path}: unknown config key {key!r}")
-            typ = types[key]
-            if not (isinstance(value, typ) or (typ is float and isinstance(value, int))) or \
-                    (typ is not bool and isinstance(value, bool)):
-                raise ValueError(f"{path}: {key} = {value!r} should be a {typ.__name__}")
-            setattr(cfg, key, typ(value))
+            setattr(cfg, key, typed(path, key, value, types[key]))
     for arg in overrides:
         if not arg.startswith("--") or "=" not in arg:
             raise ValueError(f"{arg!r}: overrides are --key=value")
@@ -341,18 +344,8 @@ def batch_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:
 
 
 def rollout_seed(seed: int, step: int, who: int) -> int:
-    """Seed of one generate call, from (seed, step, rank) or (seed, step, global prompt index)."""
+    """A seed from (seed, step, who): who is a prompt's place in the step's batch, or an epoch/rank id."""
     return (seed * 1_000_003 + step) * 1_000_003 + who
-
-
-def cat_rollouts(parts: list[Rollout], n: int) -> Rollout:
-    """Join per-prompt rollouts (each of one prompt, n rows) into one prompt-major Rollout."""
-    L = max(r.tokens.size(1) for r in parts)
-    pad = lambda t: F.pad(t, (0, L - t.size(1)))  # noqa: E731
-    return Rollout(tokens=torch.cat([pad(r.tokens) for r in parts]),
-                   logprobs=torch.cat([pad(r.logprobs) for r in parts]),
-                   lengths=torch.cat([r.lengths for r in parts]), finished=torch.cat([r.finished for r in parts]),
-                   prompt_index=torch.arange(len(parts)).repeat_interleave(n))
 
 
 # ---- one step ----------------------------------------------------------------------------------------
@@ -443,18 +436,13 @@ def train_step(model, ref, opt, tokenizer, problems, prompts, eos_ids, cfg: Conf
     idx = batch_indices(len(problems), cfg.prompts_per_step, cfg.seed, step)
     per_rank = cfg.prompts_per_step // d.world
     mine = idx[d.rank * per_rank:(d.rank + 1) * per_rank]
-    gen = partial(generate, n=G, max_new_tokens=cfg.limit, temperature=cfg.temperature, top_p=cfg.top_p,
-                  top_k=cfg.top_k, eos_ids=eos_ids, max_batch=cfg.rollout_batch)
+    seeds = [rollout_seed(cfg.seed, step, d.rank * per_rank + j) for j in range(len(mine))]  # by place in batch
 
     # 1. rollout on the unsharded model
     t0 = time.perf_counter()
     with unsharded(model), torch.no_grad():
-        if cfg.seed_per_prompt:
-            first = d.rank * per_rank  # global position of this rank's first prompt in the step's batch
-            ro = cat_rollouts([gen(model, [prompts[k]], seed=rollout_seed(cfg.seed, step, first + j))
-                               for j, k in enumerate(mine)], G)
-        else:
-            ro = gen(model, [prompts[k] for k in mine], seed=rollout_seed(cfg.seed, step, d.rank))
+        ro = generate(model, [prompts[k] for k in mine], n=G, max_new_tokens=cfg.limit, temperature=cfg.temperature,
+                      eos_ids=eos_ids, seed=seeds, max_batch=cfg.rollout_batch)
     ro = Rollout(tokens=ro.tokens.cpu(), logprobs=ro.logprobs.cpu(), lengths=ro.lengths.cpu(),
                  finished=ro.finished.cpu(), prompt_index=ro.prompt_index.cpu())
     rollout_s = time.perf_counter() - t0
@@ -530,12 +518,20 @@ def save_checkpoint(model, opt, cfg: Config, d: Dist, step: int, out_dir: Path, 
 
 
 def _log_metrics_open(out_dir: Path, resume_step: int):
-    """Open metrics.jsonl for appending, first dropping lines past the resumed step."""
+    """Open metrics.jsonl for appending, first dropping lines past the resumed step (and a line torn by
+    the kill); the cut-back file is written under a temporary name and renamed, so a kill keeps it."""
     path = out_dir / "metrics.jsonl"
     if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        lines = [ln for ln in lines if json.loads(ln)["step"] <= resume_step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        kept = []
+        for ln in path.read_text().split("\n"):
+            try:
+                if json.loads(ln)["step"] <= resume_step:
+                    kept.append(ln)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # empty, or torn mid-write
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        os.replace(tmp, path)
     return open(path, "a")
 
 
@@ -546,6 +542,8 @@ def main(cfg: Config, reward_fn=None) -> str:
     d = setup_distributed(cfg)
     if cfg.prompts_per_step % d.world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of world size {d.world}")
+    if not cfg.temperature > 0:
+        raise ValueError(f"temperature={cfg.temperature}: training samples, it needs temperature > 0")
     out_dir = Path(cfg.out_dir)
     if d.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -574,6 +572,7 @@ def main(cfg: Config, reward_fn=None) -> str:
     # model, reference, optimizer; resume from the newest complete checkpoint of out_dir
     resume = latest_checkpoint(out_dir)
     model = load_model(resume or cfg.model, d, trainable=True, activation_checkpointing=cfg.activation_checkpointing)
+    model.source_dir = cfg.model  # tokenizer files come from here: keep_last may delete the resumed checkpoint
     ref = load_model(cfg.model, d, trainable=False).eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)

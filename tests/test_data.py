@@ -28,6 +28,23 @@ def test_rows_load_with_ids_and_string_answers(tmp_path):
     assert [r["id"] for r in rows] == ["a", "p-3"]  # missing id: file stem and line
 
 
+def test_line_separators_inside_json_strings_are_text(tmp_path):
+    f = write(tmp_path, [json.dumps({"problem": "a\u2028b", "answer": "1"}, ensure_ascii=False),
+                         json.dumps({"problem": "c", "answer": "2"})])
+    rows = load_problems(f)
+    assert [r["problem"] for r in rows] == ["a\u2028b", "c"] and rows[1]["id"] == "p-2"
+
+
+def test_duplicate_id_names_both_lines(tmp_path):
+    # 7 and "7" are one id once ids are strings; evaluation would merge the two problems' samples
+    f = write(tmp_path, [json.dumps({"id": 7, "problem": "a", "answer": "1"}),
+                         json.dumps({"id": "7", "problem": "b", "answer": "2"})])
+    with pytest.raises(ValueError, match=r"p\.jsonl:2: id '7' is already used on line 1"):
+        load_problems(f)
+    f = write(tmp_path, [json.dumps({"id": 7, "problem": "a", "answer": "1"})])
+    assert load_problems(f)[0]["id"] == "7"
+
+
 @pytest.mark.parametrize("line, message", [
     ('{"problem": "x"}', ":2: key 'answer' must be a non-empty string"),
     ('{"problem": "", "answer": "1"}', ":2: key 'problem' must be a non-empty string"),
@@ -35,6 +52,11 @@ def test_rows_load_with_ids_and_string_answers(tmp_path):
     ('{"problem": "x", "answer": true}', ":2: key 'answer'"),
     ('{"problem": "x", "answer": "1"', ":2: not valid JSON"),
     ('[1, 2]', ":2: expected a JSON object"),
+    ('{"problem": "x", "answer": NaN}', ":2: key 'answer'"),  # json reads NaN and Infinity as floats
+    ('{"problem": "x", "answer": 1e400}', ":2: key 'answer'"),
+    ('{"problem": "x", "answer": ' + "9" * 5000 + "}", ":2: not valid JSON"),  # past int's digit limit
+    ('{"id": null, "problem": "x", "answer": "1"}', ":2: key 'id'"),
+    ('{"id": "", "problem": "x", "answer": "1"}', ":2: key 'id'"),
 ])
 def test_bad_row_names_file_line_and_key(tmp_path, line, message):
     f = write(tmp_path, [json.dumps({"problem": "ok", "answer": "1"}), line])

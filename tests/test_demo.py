@@ -2,6 +2,7 @@
 resumes from disk instead of redoing the work. (The full run's claims -- length down, accuracy held --
 are measured by `python demo.py`, not asserted here: a 40-step SFT base is not a long thinker.)"""
 
+import dataclasses
 import json
 
 import pytest
@@ -38,3 +39,10 @@ def test_shortened_demo_writes_a_complete_report_and_resumes(tmp_path):
     assert {k: again[k] for k in ("base", "pruned", "direct", "budget_forcing", "stages")} == \
         {k: report[k] for k in ("base", "pruned", "direct", "budget_forcing", "stages")}
     assert (tmp_path / "base" / "model.safetensors").stat().st_mtime == mtime
+    # other test settings: the test evaluations are redone (one sample more per problem), the training is not
+    more = demo.main(dataclasses.replace(cfg, test_samples=2))
+    assert json.loads((tmp_path / "test.json").read_text())["base"]["n_completions"] == 2 * 30
+    assert more["stages"] == report["stages"]
+    # another base: refused, not answered with the one on disk
+    with pytest.raises(ValueError, match="steps"):
+        demo.main(dataclasses.replace(cfg, toy={**cfg.toy, "steps": 41}))

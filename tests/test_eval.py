@@ -124,7 +124,7 @@ def test_aggregates_match_a_recomputation_from_the_completions(random_model):
     assert [(r.problem_id, r.sample) for r in recs] == [(p["id"], j) for p in problems for j in range(3)]
     gold = {p["id"]: p["answer"] for p in problems}
     ro = generate(model, [ev.build_prompt(tok, p["problem"], None, "") for p in problems], 3, 24,
-                  temperature=1.0, top_p=1.0, eos_ids=(2,), seed=3)
+                  temperature=1.0, top_p=1.0, eos_ids=(2,), seed=[ev.problem_seed(3, i) for i in range(4)])
     for i, r in enumerate(recs):  # each record is the rollout's row, decoded and graded by reward.score
         assert r.length == int(ro.lengths[i]) and r.finished == bool(ro.finished[i])
         assert r.text == tok.decode(ro.tokens[i, :ro.lengths[i]].tolist(), skip_special_tokens=True)
@@ -156,13 +156,13 @@ def test_budget_forcing_cuts_at_B_and_appends_the_cue(scripted):
     cue = tok.encode(ev.FORCE_CUE, add_special_tokens=False)
     script = [tok.convert_tokens_to_ids(t) for t in SCRIPT]
     ro, forced = ev.budget_force(model, tok, prompts, 2, budget=3, answer_budget=40, temperature=0.6, top_p=0.95,
-                                 seed=0, eos=(2,))
+                                 seeds=[0, 1, 2], eos=(2,))
     assert forced.all() and ro.finished.all()
     for i in range(6):  # "Wai" | cue | the model starts again after the cue's "\n" and answers
         assert ro.tokens[i, :ro.lengths[i]].tolist() == script[:3] + cue + script
     # thinking already closed at B=7 ("Wait, </think>"): no cue, the answer just continues
     ro, forced = ev.budget_force(model, tok, prompts, 1, budget=7, answer_budget=40, temperature=0.6, top_p=0.95,
-                                 seed=0, eos=(2,))
+                                 seeds=[0, 1, 2], eos=(2,))
     assert not forced.any() and all(ro.tokens[i, :ro.lengths[i]].tolist() == script for i in range(3))
     res = ev.evaluate(model, tok, PROBLEMS, samples=2, max_new_tokens=40, budget=3, answer_budget=40)
     assert res["forced_rate"] == 1.0 and res["mean_length"] == 3 + len(cue) + 17  # all output tokens count
@@ -173,8 +173,9 @@ def test_budget_forcing_keeps_the_sampled_prefix(random_model):
     model, tok = random_model
     prompts = [ev.build_prompt(tok, p["problem"], None, "") for p in PROBLEMS]
     cue = tok.encode(ev.FORCE_CUE, add_special_tokens=False)
-    plain = generate(model, prompts, 2, 5, temperature=1.0, eos_ids=(2,), seed=7)
-    ro, forced = ev.budget_force(model, tok, prompts, 2, 5, 8, temperature=1.0, top_p=1.0, seed=7, eos=(2,))
+    plain = generate(model, prompts, 2, 5, temperature=1.0, eos_ids=(2,), seed=[7, 8, 9])
+    ro, forced = ev.budget_force(model, tok, prompts, 2, 5, 8, temperature=1.0, top_p=1.0, seeds=[7, 8, 9],
+                                 eos=(2,))
     assert forced.any()
     for i in range(6):
         L = int(plain.lengths[i])
@@ -229,6 +230,18 @@ def test_cli_two_checkpoints_writes_json_markdown_and_records(tmp_path):
     assert "| Wait | 1.00 | 58.82 |" in md
 
 
+def test_cli_rejects_bad_arguments_before_loading_a_model(tmp_path, capsys):
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    missing = tmp_path / "no_model"  # never loaded: each error below comes first
+    with pytest.raises(FileNotFoundError, match="nosuch.jsonl"):
+        ev.main(["--ckpt", str(missing), "--data", f"{data},nosuch", "--out", str(tmp_path / "out")])
+    for bad in (["--n_problems", "0"], ["--budget", "5,x"]):
+        with pytest.raises(SystemExit):
+            ev.main(["--ckpt", str(missing), "--data", str(data), "--out", str(tmp_path / "out"), *bad])
+        assert bad[0] in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_torchrun_two_ranks_gather_every_problem_back_in_order(tmp_path):
     a = save_random_model(tmp_path / "a", seed=1)
@@ -239,8 +252,8 @@ def test_torchrun_two_ranks_gather_every_problem_back_in_order(tmp_path):
     repo = Path(ev.__file__).parent
     subprocess.run([sys.executable, "eval.py", *common, "--out", str(tmp_path / "one")], check=True, cwd=repo,
                    capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py", *common,
-                    "--out", str(tmp_path / "two")], check=True, cwd=repo, capture_output=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval.py",
+                    *common, "--out", str(tmp_path / "two")], check=True, cwd=repo, capture_output=True)
     one = json.loads((tmp_path / "one" / "eval.json").read_text())["runs"][0]
     two = json.loads((tmp_path / "two" / "eval.json").read_text())["runs"][0]
     assert two["n_completions"] == one["n_completions"] == 10
@@ -248,3 +261,7 @@ def test_torchrun_two_ranks_gather_every_problem_back_in_order(tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "two" / "records.jsonl").read_text().splitlines()]
     assert [r["problem_id"] for r in recs] == [f"p{i}" for i in range(5) for _ in range(2)]
     assert math.isclose(sum(r["length"] for r in recs) / 10, two["mean_length"])
+    # sampling is seeded per problem: the same completions as the one-process run, so the same numbers
+    alone = [json.loads(line) for line in (tmp_path / "one" / "records.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in recs] == [r["text"] for r in alone] and len({r["text"] for r in recs}) > 1
+    assert two["mean_length"] == one["mean_length"] and two["accuracy"] == one["accuracy"]

@@ -2,6 +2,7 @@
 shared answer-equivalence cases, extraction, the cutoff rule, and the time bound on hostile input."""
 import json
 import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ RULES = [
     ("\\left( 3, \\frac{\\pi}{2} \\right)", "(3,\\frac{\\pi}{2})", True),  # \left / \right
     ("10,\\!080", "10080", True),                          # ,\! is a thousands separator
     ("32,348", "32348", True),                             # so is a comma in a whole number
+    ("x=1,000", "1000", True),                             # ... also after a name
+    ("n = 12,345", "12345", True),
     ("\\$18.90", "18.9", True),                            # dollars, trailing zero
     ("62.5\\%", "62.5", True),                             # percent sign dropped
     ("90^\\circ", "90", True),                             # degrees dropped
@@ -93,6 +96,11 @@ RULES = [
     ("\\lfloor\\frac{2n-1}{6}\\rfloor", "\\lfloor\\frac{2 n-1}{5}\\rfloor", False),  # points of several sizes
     ("m_p c^2(\\gamma^2-1)", "m_{p} c^{2}\\left(\\gamma^{2}-1\\right)", True),  # \gamma is a variable ...
     ("\\gamma", "0.5772156649015329", False),              # ... not Euler's constant
+    ("x", "|x|", False),                                   # a negative point ...
+    ("x", "\\sqrt{x^2}", False),
+    ("x", "\\max(x,0)", False),
+    ("2a", "2|a|", False),
+    ("x-1", "|x-1|", False),                               # ... and one in (0, 1)
     ("\\frac{\\cos x}{\\sin x}", "\\cot x", True),
     ("-5i+6", "6 - 5i", True),                            # i is the imaginary unit
     ("\\frac{1-i}{4}e^{2it}", "\\frac{e^{2 i t}}{(2+2 i)}", True),
@@ -107,6 +115,9 @@ RULES = [
     ("(-29,15)", "(15,-29)", False),                       # tuples are ordered
     ("(3,4)", "(3,4]", False),                             # open vs closed ends
     ("(9,36) \\cup (0,9)", "(0,9) \\cup (9,36)", True),   # unions: order ignored
+    ("\\{1\\}\\cup\\{2\\}", "\\{2\\}\\cup\\{1\\}", True),    # a union of sets: their elements
+    ("\\{1\\}\\cup\\{2\\}", "\\{1,2\\}", True),
+    ("\\{1\\}\\cup\\{2\\}", "\\{1\\}", False),
     ("(0,36)", "(0,9) \\cup (9,36)", False),
     ("3 < \\lambda \\le 4", "(3,4]", True),               # inequalities are intervals
     ("-2 \\le x \\le 7", "x \\in [-2,7]", True),          # "x \in S" is S
@@ -125,6 +136,9 @@ RULES = [
     ("y - 2x - 3 = 0", "-y + 2x + 3 = 0", True),           # ... other equations agree up to sign
     ("x=1, x=5", "x=5", False),
     ("a=2, h=-1, k=-18", "2,-1,-18", True),
+    ("a=1, b=2", "a=2, b=1", False),                       # both sides named: names pair values
+    ("a=1, b=2", "b = 2, a = 1", True),
+    ("x=1, y=2", "1, 2", True),                            # one side named: names ignored
     # malformed
     ("", "104", False),
     ("\\frac{14}{", "\\frac{14}{3}", False),
@@ -146,8 +160,12 @@ def test_rule(pred, gold, expected):
     ("<think>so \\boxed{3}</think> The answer is $\\boxed{4}$.", "4"),  # after </think>
     ("<think>so \\boxed{3}</think>", None),                          # nothing after thinking
     ("<think>so \\boxed{3} and then", None),                         # thinking never closed
+    ("so \\boxed{3} and then", "3"),                  # the prompt opened thinking: read whole
     ("Final Answer: The final answer is $7$. I hope it is correct.", "7"),
     ("the answer is 12.", "12"),
+    ("İİİİİİ the answer is 7", "7"),                  # "İ".lower() is 2 characters
+    ("The answer is" + " " * 9000 + "7", "7"),                   # linear on a line of spaces
+    ("the ANSWER IS 7" + " " * 9000 + "I hope it is correct. ", "7"),
     ("x = 3", "x = 3"),                                               # a bare one-line answer
     ("a long derivation\nwith no answer", None),
     ("The answer is $\\boxed{}$.", None),
@@ -200,9 +218,12 @@ def test_hostile_input_returns_within_bound(name):
 def test_slow_comparison_is_cut_off_and_worker_restarts():
     """A comparison over the bound answers False in time; the killed worker is reaped and replaced."""
     assert reward.is_equiv("\\sqrt{8}", "2\\sqrt{2}")
+    stuck = reward._idle[-1]  # the worker the next comparison takes
+    os.kill(stuck.proc.pid, signal.SIGSTOP)  # it will never answer
     t = time.monotonic()
-    assert reward.is_equiv("(10^{10})!", "5", timeout=0.3) is False
+    assert reward.is_equiv("\\sqrt{8}", "2\\sqrt{2}", timeout=0.3) is False  # true, but not in time
     assert time.monotonic() - t < 0.3 + 1.0
+    assert stuck.proc.poll() is not None and stuck not in reward._all  # killed, reaped, dropped
     assert reward.is_equiv("\\sqrt{8}", "2\\sqrt{2}")  # a fresh worker
     zombies = [p for p in os.listdir("/proc") if p.isdigit() and _is_zombie_child(int(p))]
     assert zombies == []

@@ -159,6 +159,24 @@ def test_seed_reproducibility():
     assert completions(a) != completions(c)
 
 
+def test_per_prompt_seeds_make_a_prompts_samples_independent_of_the_rest_of_the_call():
+    """With one seed per prompt, a prompt's samples are the same alone, in any batch and in any order; sampled
+    with its seed as the whole call's seed, it gives the same samples too (its rows are the table's first n)."""
+    model = tiny(std=0.3)
+    kw = dict(n=3, max_new_tokens=10, temperature=1.0)
+    seeds = [101, 7, 55, 3]
+    together = completions(generate(model, PROMPTS, seed=seeds, max_batch=5, **kw))
+    alone = [c for p, s in zip(PROMPTS, seeds) for c in completions(generate(model, [p], seed=[s], **kw))]
+    assert together == alone
+    assert alone[:3] == completions(generate(model, PROMPTS[:1], seed=101, **kw))
+    back = completions(generate(model, PROMPTS[::-1], seed=seeds[::-1], **kw))
+    assert [back[3 * (3 - i) + j] for i in range(4) for j in range(3)] == together
+    other = completions(generate(model, PROMPTS, seed=[101, 8, 55, 3], **kw))  # prompt 1's seed changed
+    assert other[3:6] != together[3:6] and other[:3] + other[6:] == together[:3] + together[6:]
+    with pytest.raises(ValueError, match="2 seeds for 4 prompts"):
+        generate(model, PROMPTS, seed=[1, 2], **kw)
+
+
 def test_sample_follows_the_filtered_distribution():
     """Inverse-CDF sampling on an even grid of uniforms hits each token in proportion to its probability
     under temperature -> top-k -> top-p; tokens outside the support are never drawn."""

@@ -33,8 +33,9 @@ def test_select_takes_the_shortest_of_those_within_tolerance():
 
 
 def test_select_accuracy_exactly_at_the_bar_qualifies():
-    # 0.9 * 20/30 is 0.6000000000000001 in floats; 18/30 = 0.6 must still count as within 10%
-    c, _ = schedule.select([cand(10, 18 / 30, 300), cand(20, 20 / 30, 600)], 20 / 30, 0.10)
+    # (1 - 0.10) * 10/13 is 0.6923076923076924 in floats, one ulp above 9/13: 9 of 13 must still count
+    assert (1 - 0.10) * (10 / 13) > 9 / 13
+    c, _ = schedule.select([cand(10, 9 / 13, 300), cand(20, 10 / 13, 600)], 10 / 13, 0.10)
     assert c["step"] == 10
 
 
@@ -71,7 +72,10 @@ def test_config_files_load_and_bad_keys_are_named(tmp_path):
     assert cfg.out_dir == "x" and cfg.budgets == [3]
     bad = tmp_path / "bad.py"
     for text, key in [("stagez = []", "stagez"), ("stages = [dict(limit=1, steps=1, lrr=2)]", "lrr"),
-                      ("train = dict(model='m')", "model"), ("stages = [dict(steps=3)]", "limit")]:
+                      ("train = dict(model='m')", "model"), ("stages = [dict(steps=3)]", "limit"),
+                      ("train = dict(keep_last=3)", "keep_last"),  # every checkpoint must stay a candidate
+                      ("stages = [dict(limit='16', steps=4)]", r"stages\[0\]: limit = '16' should be of type int"),
+                      ("train = dict(lr=True)", "lr = True should be of type float")]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=key):
             schedule.load_schedule_config(str(bad), [])
