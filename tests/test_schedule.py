@@ -130,6 +130,20 @@ def test_two_stage_schedule_end_to_end(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     assert len((out / "evals" / "base.jsonl").read_text().splitlines()) == 12
 
+    # The bar is the *original* model's pass@1, for every stage. The random model scores 0 everywhere, so
+    # give the cached validations numbers that tell the baselines apart and let a rerun select again:
+    # against the original (0.50, bar 0.45) only step 2 qualifies; against stage 1's pick (0.44, bar
+    # 0.396) or with an absolute 0.1 drop (bar 0.40) the shorter step 4 would.
+    st = json.loads((out / "schedule.json").read_text())
+    st["base"]["accuracy"] = 0.50
+    st["stages"][0]["selected"]["accuracy"] = 0.44
+    st["stages"][1]["selected"] = None
+    for name, acc, length in (("step_000002", 0.46, 10.0), ("step_000004", 0.40, 5.0)):
+        st["stages"][1]["evals"][name].update(accuracy=acc, mean_length=length)
+    schedule.ev.write_json(out / "schedule.json", st)
+    again = schedule.run_schedule(cfg, train_fn=None)  # nothing to train or validate: selection only
+    assert again["stages"][1]["selected"]["step"] == 2 and "0.5000" in again["stages"][1]["reason"]
+
 
 def run_cli(args, kill_when=None, timeout=85, ranks=1):
     """python schedule.py ... (torchrun with ranks > 1); its output. With kill_when (a function of
