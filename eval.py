@@ -167,7 +167,8 @@ def reasoning_nll(ref_model, ref_tokenizer, texts: list[str], max_tokens: int = 
                   chunk: int = 2048) -> list[tuple[float, int]]:
     """(summed NLL, tokens) of each text's reasoning (before </think>) under the reference model.
     Batches hold at most max_tokens padded tokens (one long text goes alone), and the fp32
-    log-softmax runs over `chunk` positions at a time: 32k tokens x a 152k vocabulary would not fit."""
+    log-softmax runs over `chunk` positions of one row at a time: 32k tokens x a 152k vocabulary
+    would not fit."""
     device = next(ref_model.parameters()).device
     bos = [ref_tokenizer.bos_token_id] if ref_tokenizer.bos_token_id is not None else []
     seqs = [bos + ref_tokenizer.encode(t.split(THINK_END)[0], add_special_tokens=False) for t in texts]
@@ -184,10 +185,11 @@ def reasoning_nll(ref_model, ref_tokenizer, texts: list[str], max_tokens: int = 
         nll = ids[:, :0].float()  # (B, 0): texts of one token or none have nothing to predict
         if T > 1:
             logits = ref_model(ids)  # (B, T, V); padding sits after each text, so causal attention ignores it
-            # position t predicts ids[:, t + 1]: the last position predicts nothing
-            nll = torch.cat([F.cross_entropy(logits[:, t:min(t + chunk, T - 1)].float().transpose(1, 2),
-                                             ids[:, t + 1:t + 1 + chunk], reduction="none")
-                             for t in range(0, T - 1, chunk)], dim=1)  # (B, T-1)
+            # position t predicts ids[:, t + 1]: the last position predicts nothing; one row's `chunk`
+            # positions at a time in fp32
+            nll = torch.stack([torch.cat([F.cross_entropy(logits[b, t:min(t + chunk, T - 1)].float(),
+                                                          ids[b, t + 1:t + 1 + chunk], reduction="none")
+                                          for t in range(0, T - 1, chunk)]) for b in range(len(batch))])  # (B, T-1)
         for i, x in enumerate(batch):
             n_pred = max(len(x) - 1, 0)
             out.append((float(nll[i, :n_pred].sum()), n_pred))
@@ -356,10 +358,10 @@ def main(argv=None):
     except ValueError:
         ap.error(f"--budget={args.budget}: expected token counts, comma-separated")
 
+    from train import DIST_TIMEOUT, SYSTEM_PROMPT  # the prompt the model was trained with
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=DIST_TIMEOUT)
     if args.limit is not None and args.system_prompt is None:
-        from train import SYSTEM_PROMPT  # the prompt the model was trained with
         args.system_prompt = SYSTEM_PROMPT
     rank, _ = _rank_world()
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")

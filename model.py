@@ -14,6 +14,9 @@ Choices:
 - One forward serves training and sampling. `position_ids` are explicit so padded and packed rows get the
   right RoPE; `mask` is a boolean (B, 1, T, S) "may attend" mask; `cache` is a static `KVCache` that the
   forward writes in place at the rows' positions (gpt-fast style: fixed shapes, so a decode step compiles).
+  A cache without a mask is a prefill: T new tokens from position 0 into a cache of length T, causal.
+  That is what lets a prefill use flash attention: on CUDA, SDPA with a mask and GQA falls back to its
+  math kernel, which holds the (B, heads, T, T) scores.
 - In a cache row the sequence always starts at index 0 and position == cache index, so each row of a
   batch can be at its own length (the sampler relies on this for continuous batching).
 - Attention is torch SDPA. On CUDA with flash-attn installed and a 16-bit dtype, mask-free causal
@@ -184,7 +187,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, S, hd)
-        if flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32 and mask is None and cache is None:
+        if flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32 and mask is None:
             y = self._flash(q, k, v, cu_seqlens)
         elif T == 1 and mask is not None and cu_seqlens is None:
             # a decode step: the nh/nkv query heads that share a kv head go in as that head's query rows
@@ -203,8 +206,11 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # flash-attn wants (B, T, heads, hd)
         if cu_seqlens is None:
             return flash_attn_func(q, k, v, causal=True).transpose(1, 2)
-        max_len = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        y = flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens, cu_seqlens, max_len, max_len, causal=True)
+        if q.size(0) != 1:
+            raise ValueError(f"packed sequences (cu_seqlens) go in one row, got a batch of {q.size(0)}")
+        cu = cu_seqlens.to(q.device, torch.int32)  # what flash-attn accepts
+        max_len = int((cu[1:] - cu[:-1]).max())
+        y = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)
         return y[None].transpose(1, 2)  # (1, nh, T, hd)
 
 
@@ -267,8 +273,9 @@ class Transformer(nn.Module):
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
-        if cache is not None and mask is None:
-            raise ValueError("a KV cache needs an explicit mask (B, 1, T, S)")
+        if cache is not None and mask is None and cache.length != T:
+            raise ValueError(f"a KV cache without a mask is a prefill, so its length must be T={T} (it is "
+                             f"{cache.length}); give a mask (B, 1, T, S) to attend over a longer cache")
         cos, sin = rope_angles(position_ids, self.args.head_dim, self.args.rope_theta)
         x = self.embed_tokens(input_ids)
         for block in self.layers:

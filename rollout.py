@@ -27,8 +27,9 @@ How it works (the numbered steps in `generate` follow this list)
 Randomness: a `torch.Generator` seeded with `seed` draws a table u of shape (N, max_new_tokens) of
 uniforms on the CPU; token t of row i is drawn by inverse-CDF sampling with u[i, t]. So a row's
 randomness belongs to (seed, prompt, sample, step), not to the slot it ran in: the same seed gives the
-same rollout for any `max_batch`, on CPU or GPU, and "batched equals one at a time" holds in sampled
-mode too (up to float ties). `seed` may also be a list with one seed per prompt: each prompt's n rows
+same rollout for any `max_batch`, and "batched equals one at a time" holds in sampled mode too, up to
+floating-point differences (in fp32 on CPU a tie at most; in bf16 on GPU another batch width can change
+a GEMM's rounding and so, now and then, a token). `seed` may also be a list with one seed per prompt: each prompt's n rows
 of the table are then drawn from its own generator, so its samples do not depend on which other
 prompts share the call (the trainer and evaluation seed by a prompt's global index, so results do not
 depend on how prompts are split over ranks). One uniform per token keeps this cheap: a Gumbel-max draw
@@ -152,11 +153,10 @@ def _prefill(model: Transformer, prompts: list[list[int]], device, dtype):
         chunk = prompts[i:i + max(1, PREFILL_TOKENS // T)]
         T = max(len(p) for p in chunk)
         ids = torch.tensor([p + [0] * (T - len(p)) for p in chunk], device=device)  # (B, T)
-        pos = torch.arange(T, device=device).expand(len(chunk), T)
-        mask = torch.ones(T, T, dtype=torch.bool, device=device).tril().expand(len(chunk), 1, T, T)
         last = torch.tensor([[len(p) - 1] for p in chunk], device=device)  # (B, 1)
         cache = KVCache(model.args, len(chunk), T, device, dtype)
-        logits = model(ids, position_ids=pos, mask=mask, cache=cache, logits_at=last)  # (B, 1, V)
+        # no mask: a causal prefill of T tokens into a T-long cache (flash attention on CUDA)
+        logits = model(ids, cache=cache, logits_at=last)  # (B, 1, V)
         for b, p in enumerate(chunk):  # padding sits after each prompt's end, so causal attention ignores it
             out.append((cache.k[:, b, :, :len(p)], cache.v[:, b, :, :len(p)], logits[b, 0].float()))
         i += len(chunk)

@@ -67,7 +67,7 @@ class ScheduleConfig:
     temperature: float = 0.6
     top_p: float = 0.95
     seed: int = 0
-    eval_batch: int = 256  # KV-cache slots per generate call during validation
+    eval_batch: int = 32  # KV-cache slots per generate call during validation (1.5B: ~0.93 GB a row at 32k)
     tolerance: float = 0.10  # keep checkpoints with pass@1 >= (1 - tolerance) x the original's
     budgets: list = field(default_factory=list)  # budget-forcing baseline of the original model at these B
     answer_budget: int = 256  # tokens after the forced cue
@@ -166,7 +166,8 @@ def _ensure_process_group():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
                             store=dist.PrefixStore(f"schedule_pg{_generation}", _store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                            timeout=train.DIST_TIMEOUT)
 
 
 # ---- validation ----------------------------------------------------------------------------------------

@@ -37,16 +37,19 @@ of completion tokens, times world_size because FSDP averages gradients over rank
 the same number of micro-batches (ranks short of rows run zero-weight dummy rows), so the collectives
 of forward and backward always pair up. Reward and length metrics are gathered from all ranks.
 One process on a GPU runs in fp32 (TF32 matmuls): bf16 autocast would make the rollout's KV cache and
-the trained forward disagree in dtype; real runs use torchrun, where FSDP's policy gives bf16.
+the trained forward disagree in dtype; real runs use torchrun, where FSDP's policy gives bf16. fp32
+doubles the memory: the stage configs' 256 rollout rows at L=4000 are a ~63 GB KV cache at 1.5B, so
+one GPU needs a smaller `rollout_batch`.
 
 Checkpoints: `{out_dir}/step_{step:06d}/` is an HF checkpoint dir (model.py's format: config.json,
-model.safetensors, tokenizer files; loadable by transformers and vLLM) plus `trainer_state.pt`
-(optimizer, step, RNG states, config, data position). Weights are the fp32 master weights, so a resume
-is exact (1.5B: ~7 GB a checkpoint; `keep_last` bounds the disk). The optimizer state is gathered to a
-full, name-keyed state dict and rank 0 writes everything under `.tmp_step_...`, then renames it: a
-kill never leaves a half checkpoint that resume would trust. Rerunning the same command resumes from
-the newest complete checkpoint in out_dir (tested with the same world size; the format does not
-depend on it). metrics.jsonl is cut back to the resumed step so no step appears twice.
+model.safetensors, tokenizer files; loadable by transformers and vLLM) plus `trainer_state.pt` (step,
+RNG states, config, data position) and `optimizer.pt`. Weights are the fp32 master weights, so a
+resume is exact (1.5B: ~7 GB a checkpoint; `keep_last` bounds the disk). The optimizer state is
+gathered to a full, name-keyed state dict and rank 0 writes everything under `.tmp_step_...`, then
+renames it: a kill never leaves a half checkpoint that resume would trust. On resume rank 0 alone
+reads optimizer.pt and broadcasts it into the shards. Rerunning the same command resumes from the
+newest complete checkpoint in out_dir (tested at 1 and at 2 ranks; the format does not depend on the
+world size). metrics.jsonl is cut back to the resumed step so no step appears twice.
 
 Simplifications: the full model is loaded on every rank before sharding (fine at 1.5B; a 70B run
 would want meta-device init + broadcast); every micro-batch's backward reduce-scatters (no
@@ -62,6 +65,7 @@ import sys
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, fields
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 
@@ -131,6 +135,11 @@ class Config:
     wandb_project: str = "thinkprune"
     seed: int = 42
     device: str = ""  # "" = cuda when available, else cpu
+
+
+# Collectives wait this long before the NCCL watchdog kills the job (its default is 10 minutes): ranks
+# whose rollouts or evaluation samples differ in length reach a gather at very different times.
+DIST_TIMEOUT = timedelta(hours=3)
 
 
 # ---- config ----------------------------------------------------------------------------------------
@@ -290,7 +299,7 @@ def setup_distributed(cfg: Config) -> Dist:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
     return Dist(rank, world, device)
 
 
@@ -324,8 +333,8 @@ def unsharded(model):
     try:
         yield
     finally:
-        for m in mods:
-            m.set_reshard_after_forward(True, recurse=False)
+        for m in mods:  # back to FSDP's defaults: the root keeps its parameters after forward, blocks reshard
+            m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
 
 
@@ -503,7 +512,8 @@ def save_checkpoint(model, opt, cfg: Config, d: Dist, step: int, out_dir: Path, 
         tmp, final = out_dir / f".tmp_step_{step:06d}", out_dir / f"step_{step:06d}"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, state_dict=sd)
-        state = {"step": step, "optimizer": osd, "config": asdict(cfg), "world_size": d.world,
+        torch.save(osd, tmp / "optimizer.pt")  # apart from trainer_state.pt: only rank 0 reads it back
+        state = {"step": step, "config": asdict(cfg), "world_size": d.world,
                  "data_position": divmod(step * cfg.prompts_per_step, n_problems),  # (epoch, index)
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
@@ -580,7 +590,11 @@ def main(cfg: Config, reward_fn=None) -> str:
     if resume is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         state = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=False)
-        set_optimizer_state_dict(model, opt, state["optimizer"], options=StateDictOptions(full_state_dict=d.world > 1))
+        # the full optimizer state (2x the fp32 weights: 61 GB at 7B) is read by rank 0 alone and
+        # broadcast into the shards, not held in host memory once per rank
+        osd = torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True) if d.rank == 0 else {}
+        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=d.world > 1,
+                                                                             broadcast_from_rank0=d.world > 1))
         start = state["step"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])

@@ -22,7 +22,7 @@ back-to-back runs: 2.7x default, 2.4x PASSIVE).
 The GPU run (skipped cleanly without CUDA) times ours on a DeepSeek-R1-Distill-Qwen-1.5B-shaped model
 in bf16 and compares it with the memory-bandwidth roofline: each decode step must read every weight once
 plus every live row's keys/values, so tokens/s <= rows * bandwidth / (weight bytes + KV bytes read per
-step). Bandwidth is measured with a large device-to-device copy (read + write bytes / time).
+step); an untied embedding is not counted (a step reads one row of it per token). Bandwidth is measured with a large device-to-device copy (read + write bytes / time).
 """
 
 import argparse
@@ -122,7 +122,9 @@ def gpu_run(n_prompts, n, new_tokens):
     torch.cuda.synchronize()
     bw = 10 * 2 * x.numel() * 2 / (time.perf_counter() - t)
     rows = n_prompts * n
-    weight_bytes = sum(p.numel() for p in model.parameters()) * 2
+    # a step reads every weight once, except an untied embedding, of which it reads one row per token
+    weight_bytes = sum(p.numel() for name, p in model.named_parameters()
+                       if args.tie_word_embeddings or not name.startswith("embed_tokens")) * 2
     kv_per_token = 2 * args.num_hidden_layers * args.num_key_value_heads * args.head_dim * 2  # k and v, bf16
     mean_ctx = sum(len(p) for p in prompts) / len(prompts) + new_tokens / 2  # rows grow linearly over the run
     roofline = rows * bw / (weight_bytes + rows * mean_ctx * kv_per_token)

@@ -115,6 +115,24 @@ def test_padded_rows_and_packed_rows_match_single_sequences():
         torch.testing.assert_close(out[:, 9:], lb, atol=1e-5, rtol=1e-5)
 
 
+def test_mask_free_prefill_fills_the_cache_like_a_masked_one(tmp_path):
+    """A cache without a mask is a causal prefill from position 0 (the path flash attention takes on CUDA):
+    same logits and same cache as the masked prefill; a cache longer than T still needs the mask."""
+    model = Transformer.from_pretrained(_saved(tmp_path))
+    x = tokens(64, 2, 9, seed=5)
+    plain, masked = KVCache(model.args, 2, 9), KVCache(model.args, 2, 9)
+    with torch.no_grad():
+        out = model(x, cache=plain)
+        causal = torch.ones(9, 9, dtype=torch.bool).tril().expand(2, 1, 9, 9)
+        ref = model(x, position_ids=torch.arange(9).expand(2, 9), mask=causal, cache=masked)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain.k, masked.k)
+        torch.testing.assert_close(plain.v, masked.v)
+        with pytest.raises(ValueError, match="length must be T=9"):
+            model(x, cache=KVCache(model.args, 2, 16))
+
+
 def test_kv_cache_decode_matches_full_forward(tmp_path):
     """Prefill rows of different lengths into a static cache, then decode one token per row at a time."""
     model = Transformer.from_pretrained(_saved(tmp_path))
