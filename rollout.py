@@ -29,12 +29,12 @@ uniforms on the CPU; token t of row i is drawn by inverse-CDF sampling with u[i,
 randomness belongs to (seed, prompt, sample, step), not to the slot it ran in: the same seed gives the
 same rollout for any `max_batch`, and "batched equals one at a time" holds in sampled mode too, up to
 floating-point differences (in fp32 on CPU a tie at most; in bf16 on GPU another batch width can change
-a GEMM's rounding and so, now and then, a token). `seed` may also be a list with one seed per prompt: each prompt's n rows
-of the table are then drawn from its own generator, so its samples do not depend on which other
-prompts share the call (the trainer and evaluation seed by a prompt's global index, so results do not
-depend on how prompts are split over ranks). One uniform per token keeps this cheap: a Gumbel-max draw
-would need V uniforms per token, per-row generators would need a Python loop per step. The table costs
-4 bytes per possible token (1024 rows x 16k tokens = 64 MB), drawn once.
+a GEMM's rounding and so, now and then, a token). `seed` may also be a list with one seed per prompt:
+each prompt's n rows of the table are then drawn from its own generator, so its samples do not depend on
+which other prompts share the call (the trainer and evaluation seed by a prompt's global index, so
+results do not depend on how prompts are split over ranks). One uniform per token keeps this cheap: a
+Gumbel-max draw would need V uniforms per token, per-row generators would need a Python loop per step.
+The table costs 4 bytes per possible token (1024 rows x 16k tokens = 64 MB), drawn once.
 
 Sampling distribution: logits in fp32 (also when the model runs in bf16), divided by the temperature,
 then top-k, then top-p on the renormalised top-k distribution (the smallest set of most likely tokens
@@ -43,16 +43,16 @@ tokens under exactly that distribution, which is what the trainer's importance r
 "old" policy. temperature=0 is greedy and its logprobs are those of the plain softmax.
 
 Speed (bench/rollout.py --repeats 3: 16 prompts x 8 samples x 256 tokens, CPU, 2 threads, same weights,
-OpenMP's default wait policy), against transformers' generate: 2.7x eager and 3.0x compiled on a 40M Qwen2
-shape, 1.9x eager and 2.6x compiled on the 0.9M toy shape. A 40M decode step (128 rows, ~67 ms) is
-matmuls ~42 ms (~290 GFLOP/s, about what MKL reaches on this CPU; the 32k-vocab head is 16 ms of it),
-SDPA over the cache ~13 ms (half the machine's read bandwidth: the CPU kernel pays per row and kv head
-for 4-query GEMMs), elementwise ops ~5 ms, sampling ~2 ms; transformers takes ~185 ms for the same
-step. The toy shape is mostly attention and per-op overhead, which both sides pay, hence its lower
-ratio; compiling removes part of the overhead. Our gains: each prompt prefilled once (logits at its
-last position only), no per-step cache growth, a GQA-free decode attention (model.py), attention over
-the cache prefix in use only, and sampling without a vocabulary-wide cumsum or a fresh (B, V) buffer.
-With OMP_WAIT_POLICY=PASSIVE, the setting for a shared machine, each side pays ~20 ms more per 40M step
+OpenMP's default wait policy), against transformers' generate: 2.7-2.8x eager and 2.9-3.1x compiled on a
+40M Qwen2 shape, 1.9x eager and 2.5-2.8x compiled on the 0.9M toy shape (runs on different days). A 40M
+decode step (128 rows, ~67 ms) is matmuls ~42 ms (~290 GFLOP/s, about what MKL reaches on this CPU; the
+32k-vocab head is 16 ms of it), SDPA over the cache ~13 ms (half the machine's read bandwidth: the CPU
+kernel pays per row and kv head for 4-query GEMMs), elementwise ops ~5 ms, sampling ~2 ms; transformers
+takes ~185 ms for the same step. The toy shape is mostly attention and per-op overhead, which both sides
+pay, hence its lower ratio; compiling removes part of the overhead. Our gains: each prompt prefilled once
+(logits at its last position only), no per-step cache growth, a GQA-free decode attention (model.py),
+attention over the cache prefix in use only, and sampling without a vocabulary-wide cumsum or a fresh
+(B, V) buffer. With OMP_WAIT_POLICY=PASSIVE, the setting for a shared machine, each side pays ~20 ms more per 40M step
 in thread wake-ups: 2.4x (40M) and 1.5x (toy), eager.
 `compile=True` compiles the decode step with its sampling: ~20-30 s of compiling on these shapes (CPU),
 so it pays off in long runs only. It has not been measured on CUDA.
