@@ -358,9 +358,9 @@ def main(argv=None):
     except ValueError:
         ap.error(f"--budget={args.budget}: expected token counts, comma-separated")
 
-    from train import DIST_TIMEOUT, SYSTEM_PROMPT  # the prompt the model was trained with
+    from train import SYSTEM_PROMPT, init_process_group  # SYSTEM_PROMPT: what the model was trained with
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=DIST_TIMEOUT)
+        init_process_group(torch.cuda.is_available())
     if args.limit is not None and args.system_prompt is None:
         args.system_prompt = SYSTEM_PROMPT
     rank, _ = _rank_world()
@@ -403,6 +403,7 @@ def main(argv=None):
         (out / "eval.md").write_text("\n".join(md))
         print("\n".join(md))
     if dist.is_initialized():
+        dist.barrier()  # tear down together: a rank that left while rank 0 still wrote sometimes aborted at exit
         dist.destroy_process_group()
 
 

@@ -164,10 +164,8 @@ def _ensure_process_group():
     _generation += 1
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            store=dist.PrefixStore(f"schedule_pg{_generation}", _store),
-                            rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                            timeout=train.DIST_TIMEOUT)
+    train.init_process_group(torch.cuda.is_available(), store=dist.PrefixStore(f"schedule_pg{_generation}", _store),
+                             rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 # ---- validation ----------------------------------------------------------------------------------------
@@ -398,4 +396,5 @@ if __name__ == "__main__":
         sys.exit("usage: python schedule.py configs/X.py [--key=value ...]")
     run_schedule(load_schedule_config(sys.argv[1], sys.argv[2:]))
     if dist.is_initialized():
+        dist.barrier()  # rank 0 writes the report: tear down together (see eval.py's main)
         dist.destroy_process_group()
