@@ -61,6 +61,7 @@ Simplifications: attention over the cache is SDPA with a boolean mask, so it rea
 rounded prefix length; one host sync per step checks whether any row stopped.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -225,64 +226,67 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
         pos[slots] = torch.where(r == N, 0, new_pos)
         return int(stop.sum())
 
-    next_row, width, held = 0, B, {}  # held: prompt -> prefill (k, v, logits) while samples still wait
-    running, top = 0, 0  # rows in slots; an upper bound on the slots' largest position (host-side, no sync)
-    while True:
-        # 2. Admission: free slots take waiting rows; prompts are prefilled once, first tokens drawn.
-        while next_row < N and running < B:
-            free = (row == N).nonzero()[:, 0]
-            rows = torch.arange(next_row, min(N, next_row + len(free)), device=device)
-            slots = free[:len(rows)]
-            first, last = next_row // n, (next_row + len(rows) - 1) // n
-            need = [p for p in range(first, last + 1) if p not in held]
-            held.update(zip(need, _prefill(model, [prompts[p] for p in need], device, dtype)))
-            plen = torch.zeros_like(rows)
-            for p in range(first, last + 1):
-                k, v, _ = held[p]
-                mine = rows // n == p
-                cache.k[:, slots[mine], :, :k.size(2)] = k[:, None]  # (n_layer, m, n_kv, len, hd)
-                cache.v[:, slots[mine], :, :k.size(2)] = v[:, None]
-                plen[mine] = k.size(2)
-                top = max(top, k.size(2))
-            logits = torch.stack([held[p][2] for p in (rows // n).tolist()])  # (m, V)
-            row[slots] = rows
-            # the first token sits right after the prompt, at position len(prompt)
-            done = take(slots, *sample(logits, u[rows, 0], temperature, top_k, top_p), plen)
-            next_row += len(rows)
-            running += len(rows) - done
-            for p in range(first, last + (next_row % n == 0)):  # drop prompts whose samples are all in
-                del held[p]
+    # on the CPU in fp32 the linear layers run from oneDNN-packed weights (Transformer.packed_weights),
+    # which torch.compile cannot trace
+    with contextlib.nullcontext() if compile else model.packed_weights(B):
+        next_row, width, held = 0, B, {}  # held: prompt -> prefill (k, v, logits) while samples still wait
+        running, top = 0, 0  # rows in slots; an upper bound on the slots' largest position (host-side, no sync)
+        while True:
+            # 2. Admission: free slots take waiting rows; prompts are prefilled once, first tokens drawn.
+            while next_row < N and running < B:
+                free = (row == N).nonzero()[:, 0]
+                rows = torch.arange(next_row, min(N, next_row + len(free)), device=device)
+                slots = free[:len(rows)]
+                first, last = next_row // n, (next_row + len(rows) - 1) // n
+                need = [p for p in range(first, last + 1) if p not in held]
+                held.update(zip(need, _prefill(model, [prompts[p] for p in need], device, dtype)))
+                plen = torch.zeros_like(rows)
+                for p in range(first, last + 1):
+                    k, v, _ = held[p]
+                    mine = rows // n == p
+                    cache.k[:, slots[mine], :, :k.size(2)] = k[:, None]  # (n_layer, m, n_kv, len, hd)
+                    cache.v[:, slots[mine], :, :k.size(2)] = v[:, None]
+                    plen[mine] = k.size(2)
+                    top = max(top, k.size(2))
+                logits = torch.stack([held[p][2] for p in (rows // n).tolist()])  # (m, V)
+                row[slots] = rows
+                # the first token sits right after the prompt, at position len(prompt)
+                done = take(slots, *sample(logits, u[rows, 0], temperature, top_k, top_p), plen)
+                next_row += len(rows)
+                running += len(rows) - done
+                for p in range(first, last + (next_row % n == 0)):  # drop prompts whose samples are all in
+                    del held[p]
+                if bar:
+                    bar.update(done)
+            if running == 0:
+                break
+
+            # 3. Nothing waits and the rows fit in half the width: pack them into the front slots.
+            if next_row == N and running <= width // 2:
+                new_width = 1 << (running - 1).bit_length()  # next power of two >= running
+                busy = row[:width] < N
+                src = busy.nonzero()[:, 0]
+                src = src[src >= new_width]
+                dst = (~busy[:new_width]).nonzero()[:, 0][:len(src)]
+                for buf in (cache.k, cache.v):
+                    buf[:, dst, :, :top + 1] = buf[:, src, :, :top + 1]
+                for t in (row, count, pos, tok):
+                    t[dst] = t[src]
+                row[new_width:width] = N
+                width = new_width
+
+            # 4. Decode one token for every slot in use, attending over the used prefix of the cache.
+            cache.length = min(S, -(-(top + 1) // PREFIX_ROUND) * PREFIX_ROUND)
+            new_tok, new_lp = step(model, tok[:width, None], pos[:width, None], cache, u[row[:width], count[:width]],
+                                   temperature, top_k, top_p)
+            # 5. Rows that stop free their slots; the next round of admission refills them.
+            done = take(torch.arange(width, device=device), new_tok, new_lp, pos[:width] + 1)
+            running -= done
+            top += 1
+            if done:  # the longest row may have stopped: tighten the bound (one more host sync, rarely)
+                top = int(pos[:width].max())
             if bar:
                 bar.update(done)
-        if running == 0:
-            break
-
-        # 3. Nothing waits and the rows fit in half the width: pack them into the front slots.
-        if next_row == N and running <= width // 2:
-            new_width = 1 << (running - 1).bit_length()  # next power of two >= running
-            busy = row[:width] < N
-            src = busy.nonzero()[:, 0]
-            src = src[src >= new_width]
-            dst = (~busy[:new_width]).nonzero()[:, 0][:len(src)]
-            for buf in (cache.k, cache.v):
-                buf[:, dst, :, :top + 1] = buf[:, src, :, :top + 1]
-            for t in (row, count, pos, tok):
-                t[dst] = t[src]
-            row[new_width:width] = N
-            width = new_width
-
-        # 4. Decode one token for every slot in use, attending over the used prefix of the cache.
-        cache.length = min(S, -(-(top + 1) // PREFIX_ROUND) * PREFIX_ROUND)
-        new_tok, new_lp = step(model, tok[:width, None], pos[:width, None], cache, u[row[:width], count[:width]],
-                               temperature, top_k, top_p)
-        # 5. Rows that stop free their slots; the next round of admission refills them.
-        done = take(torch.arange(width, device=device), new_tok, new_lp, pos[:width] + 1)
-        running -= done
-        top += 1
-        if done:  # the longest row may have stopped: tighten the bound (one more host sync, rarely)
-            top = int(pos[:width].max())
-        if bar:
-            bar.update(done)
 
     if bar:
         bar.close()

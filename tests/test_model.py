@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from model import KVCache, ModelArgs, Transformer
+import model as model_module
+from model import KVCache, Linear, ModelArgs, Transformer
 
 # (tied head, q heads, kv heads, hidden, intermediate, layers, vocab, rope theta): odd sizes on purpose
 SHAPES = [
@@ -133,8 +134,12 @@ def test_mask_free_prefill_fills_the_cache_like_a_masked_one(tmp_path):
             model(x, cache=KVCache(model.args, 2, 16))
 
 
-def test_kv_cache_decode_matches_full_forward(tmp_path):
-    """Prefill rows of different lengths into a static cache, then decode one token per row at a time."""
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_kv_cache_decode_matches_full_forward(tmp_path, monkeypatch, attention):
+    """Prefill rows of different lengths into a static cache, then decode one token per row at a time,
+    with either decode attention (on the CPU: two batched matmuls for a short cache, SDPA beyond)."""
+    if attention == "sdpa":
+        monkeypatch.setattr(model_module, "DECODE_MATMUL_MAX_LEN", 0)
     model = Transformer.from_pretrained(_saved(tmp_path))
     x = tokens(64, 2, 12, seed=4)
     lens = torch.tensor([7, 4])
@@ -154,6 +159,29 @@ def test_kv_cache_decode_matches_full_forward(tmp_path):
             for b in range(2):
                 torch.testing.assert_close(out[b, 0], full[b, cur[b]], atol=1e-4, rtol=1e-4)
             cur += 1
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
+def test_packed_weights_give_the_same_logits_and_go_on_exit(tmp_path):
+    """Inside packed_weights every linear runs from a oneDNN-packed copy of its weight (same logits to fp32
+    rounding); on exit, also through an exception, the copies are gone and gradients reach the weights.
+    bf16 weights are not packed."""
+    model = Transformer.from_pretrained(_saved(tmp_path))
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert len(linears) == 7 * model.args.num_hidden_layers + 1
+    x = tokens(64, 3, 11)
+    with torch.no_grad():
+        ref = model(x)
+        with model.packed_weights(rows=3):
+            assert all(m.packed is not None for m in linears)
+            torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="inside"), model.packed_weights(rows=3):
+        raise RuntimeError("an error inside")
+    assert all(m.packed is None for m in linears)
+    model(x).logsumexp(-1).mean().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
+    with model.to(torch.bfloat16).packed_weights(rows=3):
+        assert all(m.packed is None for m in linears)
 
 
 def test_missing_config_names_the_file(tmp_path):

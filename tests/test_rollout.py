@@ -102,8 +102,10 @@ def test_rows_are_prompt_major_and_usable_by_autograd():
     assert ro.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert ro.tokens.dtype == torch.long and ro.logprobs.dtype == torch.float32 and ro.finished.dtype == torch.bool
     assert model.training, "generate restores the model's mode"
-    # not inference tensors: the trainer runs a grad-enabled forward over them
+    # not inference tensors: the trainer runs a grad-enabled forward over them, through the real weights
+    # (generate's oneDNN-packed copies are gone)
     (model(ro.tokens).log_softmax(-1).mean() + ro.logprobs.sum() * 0).backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_samples_of_a_prompt_differ_from_the_first_token():
