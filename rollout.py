@@ -43,22 +43,27 @@ tokens under exactly that distribution, which is what the trainer's importance r
 "old" policy. temperature=0 is greedy and its logprobs are those of the plain softmax.
 
 Speed (bench/rollout.py --repeats 3: 16 prompts x 8 samples x 256 tokens, CPU, 2 threads, same weights,
-OpenMP's default wait policy), against transformers' generate: 2.7-2.8x eager and 2.9-3.1x compiled on a
-40M Qwen2 shape, 1.9x eager and 2.5-2.8x compiled on the 0.9M toy shape (runs on different days). A 40M
-decode step (128 rows, ~67 ms) is matmuls ~42 ms (~290 GFLOP/s, about what MKL reaches on this CPU; the
-32k-vocab head is 16 ms of it), SDPA over the cache ~13 ms (half the machine's read bandwidth: the CPU
-kernel pays per row and kv head for 4-query GEMMs), elementwise ops ~5 ms, sampling ~2 ms; transformers
-takes ~185 ms for the same step. The toy shape is mostly attention and per-op overhead, which both sides
-pay, hence its lower ratio; compiling removes part of the overhead. Our gains: each prompt prefilled once
-(logits at its last position only), no per-step cache growth, a GQA-free decode attention (model.py),
-attention over the cache prefix in use only, and sampling without a vocabulary-wide cumsum or a fresh
-(B, V) buffer. With OMP_WAIT_POLICY=PASSIVE, the setting for a shared machine, each side pays ~20 ms more per 40M step
-in thread wake-ups: 2.4x (40M) and 1.5x (toy), eager.
-`compile=True` compiles the decode step with its sampling: ~20-30 s of compiling on these shapes (CPU),
-so it pays off in long runs only. It has not been measured on CUDA.
+OpenMP's default wait policy), against transformers' generate on an AMD EPYC (Zen 5): 3.7x on a 40M
+Qwen2 shape (2853 vs 763 tokens/s) and 2.0x on the 0.9M toy shape (24054 vs 12092). Two CPU choices in
+model.py carry much of it; without them, on the same machine, 1.8x and 1.6x:
+- the linear layers multiply by weights packed for oneDNN (`Transformer.packed_weights`, entered below):
+  MKL's fp32 GEMM, which F.linear calls, ran at 175-210 GFLOP/s on this CPU, oneDNN's at 420-470;
+- a decode step over a short cache attends with two batched matmuls, not SDPA, whose CPU kernel pays per
+  (row, kv head) (DECODE_MATMUL_MAX_LEN).
+A 40M step (128 rows, ~44 ms; profiled over the bench's 256 tokens) is the linear layers ~25 ms, attention
+~10 ms, sampling ~2.4 ms and small ops; transformers takes ~168 ms. The toy step (~5.2 ms) is attention
+~3 ms (per layer, 256 matmuls of 2 query rows by a row's keys, at ~13 GB/s of cache read), 29 linear calls
+~1.1 ms and ~150 small ops: per-call costs, hence the lower ratio there. Other gains: each prompt prefilled
+once (logits at its last position only), no per-step cache growth, no GQA expansion, attention over the
+cache prefix in use only, and sampling without a vocabulary-wide cumsum or a fresh (B, V) buffer. With
+OMP_WAIT_POLICY=PASSIVE, the setting for a shared machine, both sides pay for thread wake-ups: 3.1x (40M)
+and 1.5x (toy).
+`compile=True` compiles the decode step with its sampling (~20-30 s of compiling on these shapes). It
+cannot trace the packed weights, so a compiled step runs MKL's GEMMs: 2.2x on both CPU shapes, below
+eager. It is meant for CUDA, where it has not been measured.
 
-Simplifications: attention over the cache is SDPA with a boolean mask, so it reads padding up to the
-rounded prefix length; one host sync per step checks whether any row stopped.
+Simplifications: attention over the cache reads the masked padding up to the rounded prefix length; one
+host sync per step checks whether any row stopped.
 """
 
 import contextlib

@@ -9,8 +9,10 @@ Equal work on both sides: the same random weights (ours saved with save_pretrain
 transformers in fp32), the same left/right-padded prompts, 8 samples per prompt, sampling at
 temperature 1 with no top-k/top-p, and no EOS, so every row runs the full max_new_tokens. transformers
 prefills each prompt n times (num_return_sequences expands the input first); we prefill it once, which
-is part of what is measured. Tokens/s counts generated tokens only, wall clock, after one warm-up call
-per side (best of --repeats alternating runs). Prints one JSON line per model.
+is part of what is measured, and so is the way our linear layers multiply on the CPU: from a copy of the
+weights packed for oneDNN (model.Transformer.packed_weights), where transformers' F.linear calls MKL.
+Tokens/s counts generated tokens only, wall clock, after one warm-up call per side (best of --repeats
+alternating runs). Prints one JSON line per model.
 
 OpenMP's wait policy is left as the environment has it (both sides share it; the JSON says which). The
 default spins between parallel regions, which is fastest on an idle machine; on a machine shared with
