@@ -24,7 +24,7 @@ Choices:
   block-diagonal causal mask. Both give the same outputs to tolerance. A decode step on the CPU over a
   short cache attends with two batched matmuls instead (see DECODE_MATMUL_MAX_LEN).
 - The linear layers are nn.Linear with one addition: inside `packed_weights` (the sampler on the CPU in
-  fp32) they multiply by a copy of their weight packed for oneDNN, whose GEMM ran 2.2-2.6x faster than
+  fp32) they multiply by a copy of their weight packed for oneDNN, whose GEMM ran 1.8-2.6x faster than
   MKL's on the AMD EPYC this was measured on.
 - RoPE angles are computed in fp32 from the positions on every call (cheap next to the matmuls) rather
   than kept in a buffer that `.to(bfloat16)` would round.
@@ -186,7 +186,7 @@ class Linear(nn.Linear):
     packed = None  # an opaque mkldnn tensor while packed
 
     def forward(self, x):
-        if self.packed is None:
+        if self.packed is None or torch.is_grad_enabled():  # the packed op has no gradient for the weight
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
@@ -293,22 +293,23 @@ class Transformer(nn.Module):
 
     @contextmanager
     def packed_weights(self, rows: int):
-        """For inference in fp32 on the CPU: for the duration, every linear layer multiplies by a copy of its
-        weight prepacked in oneDNN's blocked layout for GEMMs of about `rows` rows. The weights must not
-        change inside. Why: on the AMD EPYC (Zen 5) CPUs this was measured on, the MKL fp32 GEMM that
-        F.linear calls ran 2.2-2.6x slower than oneDNN's packed one at 128-2048 rows (not measured on
-        Intel CPUs); both are fp32 throughout (max error against fp64 at K=512: ~5e-6 vs ~2e-6). A no-op
-        elsewhere (CUDA, bf16, FSDP-sharded weights, a build without oneDNN). torch.compile cannot trace
-        the packed tensors: a compiled forward must run outside this context."""
+        """For inference in fp32 on the CPU: for the duration, every linear layer run without autograd
+        multiplies by a copy of its weight prepacked in oneDNN's blocked layout for GEMMs of about `rows`
+        rows (a second copy of the weights in memory). The weights must not change inside. Why: on the AMD
+        EPYC (Zen 5) this was measured on, the MKL fp32 GEMM that F.linear calls ran 1.8-2.6x slower than
+        oneDNN's packed one at 128-2048 rows and the 40M bench model's layer shapes (not measured on Intel
+        CPUs); both are fp32 throughout (max error against fp64 at K=512: ~5e-6 vs ~2e-6). A no-op elsewhere
+        (CUDA, bf16, FSDP-sharded weights, a build without oneDNN). torch.compile cannot trace the packed
+        tensors: a compiled forward must run outside this context."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
         if not (torch.backends.mkldnn.is_available()
                 and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                         and not isinstance(m.weight, DTensor) for m in linears)):
             yield
             return
-        for m in linears:
-            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
         try:
+            for m in linears:
+                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
             yield
         finally:
             for m in linears:

@@ -163,23 +163,24 @@ def test_kv_cache_decode_matches_full_forward(tmp_path, monkeypatch, attention):
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="a torch build without oneDNN")
 def test_packed_weights_give_the_same_logits_and_go_on_exit(tmp_path):
-    """Inside packed_weights every linear runs from a oneDNN-packed copy of its weight (same logits to fp32
-    rounding); on exit, also through an exception, the copies are gone and gradients reach the weights.
-    bf16 weights are not packed."""
+    """Inside packed_weights every linear run without autograd uses a oneDNN-packed copy of its weight (same
+    logits to fp32 rounding); with autograd on it uses the weight itself, so gradients reach it. On exit,
+    also through an exception, the copies are gone. bf16 weights are not packed."""
     model = Transformer.from_pretrained(_saved(tmp_path))
     linears = [m for m in model.modules() if isinstance(m, Linear)]
     assert len(linears) == 7 * model.args.num_hidden_layers + 1
     x = tokens(64, 3, 11)
     with torch.no_grad():
         ref = model(x)
-        with model.packed_weights(rows=3):
-            assert all(m.packed is not None for m in linears)
+    with model.packed_weights(rows=3):
+        assert all(m.packed is not None for m in linears)
+        with torch.inference_mode():
             torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
+        model(x).logsumexp(-1).mean().backward()
+    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
     with pytest.raises(RuntimeError, match="inside"), model.packed_weights(rows=3):
         raise RuntimeError("an error inside")
     assert all(m.packed is None for m in linears)
-    model(x).logsumexp(-1).mean().backward()
-    assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
     with model.to(torch.bfloat16).packed_weights(rows=3):
         assert all(m.packed is None for m in linears)
 
