@@ -358,7 +358,8 @@ def main(argv=None):
     except ValueError:
         ap.error(f"--budget={args.budget}: expected token counts, comma-separated")
 
-    from train import SYSTEM_PROMPT, init_process_group  # SYSTEM_PROMPT: what the model was trained with
+    # SYSTEM_PROMPT: what the model was trained with
+    from train import SYSTEM_PROMPT, destroy_process_group, init_process_group
     if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         init_process_group(torch.cuda.is_available())
     if args.limit is not None and args.system_prompt is None:
@@ -403,8 +404,7 @@ def main(argv=None):
         (out / "eval.md").write_text("\n".join(md))
         print("\n".join(md))
     if dist.is_initialized():
-        dist.barrier()  # tear down together: a rank that left while rank 0 still wrote sometimes aborted at exit
-        dist.destroy_process_group()
+        destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -396,5 +396,4 @@ if __name__ == "__main__":
         sys.exit("usage: python schedule.py configs/X.py [--key=value ...]")
     run_schedule(load_schedule_config(sys.argv[1], sys.argv[2:]))
     if dist.is_initialized():
-        dist.barrier()  # rank 0 writes the report: tear down together (see eval.py's main)
-        dist.destroy_process_group()
+        train.destroy_process_group()  # rank 0 writes the report: the others wait for it there
