@@ -298,11 +298,11 @@ class Transformer(nn.Module):
         rows (a second copy of the weights in memory). The weights must not change inside. Why: on the AMD
         EPYC (Zen 5) this was measured on, the MKL fp32 GEMM that F.linear calls ran 1.8-2.6x slower than
         oneDNN's packed one at 128-2048 rows and the 40M bench model's layer shapes (not measured on Intel
-        CPUs); both are fp32 throughout (max error against fp64 at K=512: ~5e-6 vs ~2e-6). A no-op elsewhere
-        (CUDA, bf16, FSDP-sharded weights, a build without oneDNN). torch.compile cannot trace the packed
-        tensors: a compiled forward must run outside this context."""
+        CPUs); both are fp32 throughout (max error against fp64 at K=512: oneDNN ~5e-6, MKL ~2e-6). A no-op elsewhere
+        (CUDA, bf16, FSDP-sharded weights, a torch without these oneDNN ops). torch.compile cannot trace the
+        packed tensors: a compiled forward must run outside this context."""
         linears = [m for m in self.modules() if isinstance(m, Linear)]
-        if not (torch.backends.mkldnn.is_available()
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
                 and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
                         and not isinstance(m.weight, DTensor) for m in linears)):
             yield
