@@ -214,7 +214,7 @@ class Attention(nn.Module):
             # a decode step: the nh/nkv query heads that share a kv head go in as that head's query rows
             # (all see the row's one mask), so there is no GQA expansion
             q = q.reshape(B, self.nkv, self.nh // self.nkv, self.hd)  # (B, nkv, nh/nkv, hd)
-            if x.is_cuda or k.size(2) > DECODE_MATMUL_MAX_LEN:
+            if x.device.type != "cpu" or k.size(2) > DECODE_MATMUL_MAX_LEN:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             else:  # CPU, short cache: SDPA's kernel pays per (row, kv head); two batched matmuls do not
                 s = (q @ k.transpose(2, 3)).mul_(self.hd ** -0.5)  # (B, nkv, nh/nkv, S)

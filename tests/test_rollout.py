@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import rollout
-from model import ModelArgs, Transformer
+from model import Linear, ModelArgs, Transformer
 from rollout import generate, sample
 
 EOS = 21  # a token these tiny models emit now and then, so some rows stop early and some are cut off
@@ -102,8 +102,8 @@ def test_rows_are_prompt_major_and_usable_by_autograd():
     assert ro.prompt_index.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert ro.tokens.dtype == torch.long and ro.logprobs.dtype == torch.float32 and ro.finished.dtype == torch.bool
     assert model.training, "generate restores the model's mode"
-    # not inference tensors: the trainer runs a grad-enabled forward over them, through the real weights
-    # (generate's oneDNN-packed copies are gone)
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear)), "packed copies are dropped"
+    # not inference tensors: the trainer runs a grad-enabled forward over them
     (model(ro.tokens).log_softmax(-1).mean() + ro.logprobs.sum() * 0).backward()
     assert all(p.grad is not None for p in model.parameters())
 
