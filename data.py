@@ -1,8 +1,10 @@
 """
-Problem files in, prompt token ids out.
+Problem files in; prompt token ids, stop tokens, problem order and seeds out.
 
     rows = load_problems("../shared/data/train.jsonl")         # [{"id", "problem", "answer", ...}, ...]
-    ids = build_prompt(tokenizer, rows[0]["problem"], limit=4000, system_prompt=cfg.system_prompt)
+    ids = build_prompt(tokenizer, rows[0]["problem"], limit=4000, system_prompt=SYSTEM_PROMPT)
+    eos = eos_ids(tokenizer, model.args.eos_token_id)           # every id that ends a completion
+    idx = batch_indices(len(rows), 128, seed, step)             # the problems of a training step
 
 Choices:
 - A problem file is JSONL, one object per line with non-empty string `problem` and `answer` (an answer
@@ -18,6 +20,9 @@ Choices:
   turn at all: a limit-free prompt is the model's native prompt, which is what the base model was
   distilled on (the evaluation of an unconstrained model uses this).
 - Dropping prompts that are too long happens in train.py (it knows max_prompt_tokens and logs the count).
+- Randomness is a pure function of integers: `seed_for(seed, step, ...)` mixes them into one seed, so
+  the problem order of a step and the samples of a prompt do not depend on what ran before, on the
+  batch they share or on the number of ranks; a resumed run sees exactly what the killed one would have.
 """
 
 import json
@@ -26,9 +31,18 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+import torch
+
 # the shared benchmark files: ../shared/data beside the repo, or wherever THINKPRUNE_DATA points
 DATA_DIR = Path(os.environ.get("THINKPRUNE_DATA", Path(__file__).resolve().parent.parent / "shared" / "data"))
 INSTRUCTION = "Let's think step by step and output the final answer within \\boxed{}."
+# ThinkPrune's official system prompt (its data-prep script), with the limit sentence it appends.
+SYSTEM_PROMPT = (
+    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
+    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
+    "the answer. The reasoning process and answer are enclosed within <think></think> and "
+    "<answer></answer> tags, respectively, i.e., <think> reasoning process here</think><answer> answer "
+    "here</answer>. The output of the assistant should be within {L} tokens.")
 
 
 def _check_row(row, where: str) -> dict:
@@ -90,3 +104,32 @@ def build_prompt(tokenizer, problem: str, limit: int | None, system_prompt: str)
     # transformers 5 returns a BatchEncoding (input_ids + attention_mask); older versions a plain list
     ids = out["input_ids"] if isinstance(out, Mapping) else out
     return [int(t) for t in ids]
+
+
+def eos_ids(tokenizer, model_eos) -> list[int]:
+    """Every id that ends a completion: the model config's eos_token_id (an int, a list or None) and the
+    tokenizer's (R1-Distill's config and tokenizer name different ones)."""
+    ids = set([model_eos] if isinstance(model_eos, int) else model_eos or [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def seed_for(*parts: int) -> int:
+    """One seed from several integers (run seed, step, a prompt's place, ...), in [0, 2**63)."""
+    s = 0
+    for p in parts:
+        s = (s * 1_000_003 + p) % 2**63
+    return s
+
+
+def batch_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:
+    """Problem indices of step `step`: consecutive slices of a seeded permutation per epoch."""
+    out, pos = [], step * per_step
+    while len(out) < per_step:
+        epoch, i = divmod(pos, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
+        take = perm[i:i + per_step - len(out)].tolist()
+        out += take
+        pos += len(take)
+    return out

@@ -25,16 +25,15 @@ for selection.
 
 import dataclasses
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import eval as ev
+import report
 import schedule
 import toy
-import train
+from config import check, load_config
 
 
 @dataclass
@@ -54,6 +53,16 @@ class DemoConfig:
     budgets: list = field(default_factory=list)  # budget-forcing points; the pruned mean length is added
     answer_budget: int = 16  # tokens after the forced cue: "$\boxed{7}$" and EOS fit easily
     seed: int = 0
+
+    def check(self):
+        check(bool(self.stages), "stages", self.stages, "give at least one stage")
+        for key in ("val_samples", "test_samples", "max_new_tokens", "eval_batch", "answer_budget"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        for key in self.toy:
+            check(key in {f.name for f in dataclasses.fields(toy.ToyConfig)}, f"toy.{key}", self.toy[key],
+                  "not a toy.ToyConfig key")
+        toy.ToyConfig(**self.toy).check()
+        schedule_config(self, "thinkprune", self.stages).check()
 
 
 def schedule_config(cfg: DemoConfig, name: str, stages: list) -> schedule.ScheduleConfig:
@@ -82,7 +91,7 @@ def test_evals(cfg: DemoConfig, sched: schedule.ScheduleConfig, pruned_path: str
             res = schedule.validate(test, path, f"test_{name}", Path(cfg.out_dir), budget)
             res.pop("problems")  # the per-problem numbers stay in evals/test_*.jsonl
             done[name] = res
-            ev.write_json(cache, done)
+            report.write_json(cache, done)
         return done[name]
 
     base, pruned, direct = run("base", sched.model), run("thinkprune", pruned_path), run("direct", direct_path)
@@ -100,7 +109,7 @@ def main(cfg: DemoConfig) -> dict:
         t = time.time()
         result = fn(*args)
         seconds[name] = round(seconds.get(name, 0.0) + time.time() - t, 1)
-        ev.write_json(out / "seconds.json", seconds)
+        report.write_json(out / "seconds.json", seconds)
         return result
 
     # 1. the base (built once; a rerun with other toy settings is refused, not silently given the old base)
@@ -116,60 +125,10 @@ def main(cfg: DemoConfig) -> dict:
     pruned_path, direct_path = state["stages"][-1]["selected"]["path"], dstate["stages"][-1]["selected"]["path"]
     base, pruned, direct, forcing = timed("test", test_evals, cfg, sched, pruned_path, direct_path)
     # 5. the report
-    return write_report(cfg, state, base, pruned, direct, forcing, seconds, time.time() - t0)
-
-
-def write_report(cfg, state, base, pruned, direct, forcing, seconds, wall) -> dict:
-    out = Path(cfg.out_dir)
-    head = ev.headline
-    stages = [{"limit": st["limit"], "selected_step": st["selected"]["step"],
-               **head(st["evals"][f"step_{st['selected']['step']:06d}"])} for st in state["stages"]]
-    report = {
-        "base": head(base), "pruned": head(pruned), "direct": head(direct),
-        "budget_forcing": [{"budget": f["budget"], **head(f)} for f in forcing],
-        "stages": stages,  # validation numbers of each stage's selected checkpoint
-        "seconds": round(sum(seconds.values()), 1), "seconds_by_part": seconds, "seconds_this_run": round(wall, 1),
-        "commit": _commit(),
-        "test": {"problems": base["n_problems"], "samples": cfg.test_samples, "temperature": cfg.temperature,
-                 "top_p": cfg.top_p},
-    }
-    ev.write_json(out / "report.json", report)
-    schedule.plot_acc_vs_length({
-        "base": [(base["mean_length"], base["accuracy"])],
-        "ThinkPrune (final)": [(pruned["mean_length"], pruned["accuracy"])],
-        "direct pruning": [(direct["mean_length"], direct["accuracy"])],
-        "budget forcing (base)": [(f["mean_length"], f["accuracy"]) for f in forcing],
-    }, out / "acc_vs_length.png")
-    rows = [("base", base), ("ThinkPrune", pruned), ("direct pruning", direct)] + \
-        [(f"budget forcing B={f['budget']}", f) for f in forcing]
-    md = [f"# ThinkPrune, embedded run (commit {report['commit']}, {report['seconds']:.0f} s)", "",
-          f"Test set: {base['n_problems']} held-out problems x {cfg.test_samples} sample(s), temperature "
-          f"{cfg.temperature}, top-p {cfg.top_p}, no length prompt.", "",
-          "| model | accuracy (%) | mean length | truncated (%) | forced (%) | Wait / completion |",
-          "|---|---|---|---|---|---|"]
-    md += [f"| {name} | {100 * r['accuracy']:.1f} | {r['mean_length']:.1f} | {100 * r['truncation_rate']:.1f} "
-           f"| {100 * r['forced_rate']:.1f} | {r['keywords']['Wait']['per_completion']:.2f} |" for name, r in rows]
-    md += ["", "ThinkPrune stages (validation numbers of the selected checkpoint):", "",
-           "| stage | limit | selected step | accuracy (%) | mean length |", "|---|---|---|---|---|"]
-    md += [f"| {i} | {s['limit']} | {s['selected_step']} | {100 * s['accuracy']:.1f} | {s['mean_length']:.1f} |"
-           for i, s in enumerate(stages, 1)]
-    md += ["", "![accuracy vs length](acc_vs_length.png)", "",
-           "Per stage: [thinkprune/report.md](thinkprune/report.md), "
-           "![training curves](thinkprune/training.png)", ""]
-    (out / "report.md").write_text("\n".join(md))
-    print("\n".join(md[:6 + len(rows)]), flush=True)
-    return report
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return report.demo_report(cfg, state, base, pruned, direct, forcing, seconds, time.time() - t0)
 
 
 if __name__ == "__main__":
     default = str(Path(__file__).resolve().parent / "configs" / "demo.py")  # from any cwd
     path = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else default
-    main(train.load_config(path, [a for a in sys.argv[1:] if a.startswith("--")], DemoConfig))
+    main(load_config(path, [a for a in sys.argv[1:] if a.startswith("--")], DemoConfig))

@@ -2,57 +2,47 @@
 Evaluation: pass@1, length, truncation, hesitation keywords, perplexity of the reasoning, and the
 budget-forcing baseline, for one or more checkpoints on one or more benchmarks.
 
-    python eval.py --ckpt runs/x/step_000100 --data aime24,amc23 --out runs/x/eval
-    python eval.py --ckpt BASE,PRUNED --data aime24 --budget 500,1000,2000,4000,8000 --ref REF_DIR --out OUT
-    torchrun --nproc_per_node 8 eval.py --ckpt ... --data math500 --out OUT   # problems split over ranks
+    python eval.py --ckpt=runs/x/step_000100 --data=aime24,amc23 --out=runs/x/eval
+    python eval.py --ckpt=BASE,PRUNED --data=aime24 --budget=500,1000,2000 --ref=REF_DIR --out=OUT
+    torchrun --nproc_per_node 8 eval.py --ckpt=... --data=math500 --out=OUT   # problems split over ranks
 
-Writes `OUT/eval.json` (every run's aggregates and per-problem results), `OUT/eval.md` (Markdown tables;
-with two or more checkpoints the keyword table puts them side by side) and `OUT/records.jsonl` (one
-line per completion, text included, for later analysis). In Python, `evaluate(model, tokenizer,
-problems, ...)` returns the same numbers as a dict; `schedule.py` and the embedded demo call it.
+Writes OUT/eval.json (aggregates and per-problem results), OUT/eval.md (tables; two or more
+checkpoints side by side) and OUT/records.jsonl (one line per completion, text included); each is
+written under a temporary name and renamed when complete. `evaluate(model, tokenizer, problems, ...)`
+returns the same numbers as a dict; schedule.py and the demo call it.
 
 Choices:
-- Defaults are the paper's evaluation: temperature 0.6, top-p 0.95, up to 32,000 new tokens, 64
-  samples per problem for AIME24 and AMC23 and 16 for the others (`SAMPLES`, keyed by file name; `--samples`
-  overrides), and no length prompt (`limit=None`): the pruned model has to be short on its own.
-- pass@1 is the mean correctness of the k samples of a problem, averaged over problems. A completion is
-  correct when `reward.score` says so, so a completion cut off at `max_new_tokens` counts as wrong.
-- Length is every generated token, EOS included; truncation rate is the fraction with no EOS.
-- Keywords (`KEYWORDS`): each phrase is counted on its own, case-insensitively, at word boundaries, over
-  the whole completion; so "But wait" also counts as a "Wait". Reported per completion (mean count) and
-  per 1,000 generated tokens (total count / total tokens).
-- Perplexity of the reasoning: the text before `</think>` (all of it when the thinking never closed) is
-  re-tokenized by the reference model's tokenizer and scored on its own, after BOS where the tokenizer
-  has one; exp of the mean token NLL over all completions.
-- Budget forcing (s1-style, as the paper's baseline): sample up to B tokens; a row still open at B gets
-  `FORCE_CUE` appended if its thinking has not closed (the paper's code appends
-  "</think>\\n\\n**Final Answer:**\\n\\n"), or nothing if it has, and then `answer_budget` more tokens to
-  finish. Rows that ended within B are graded as they are. The reported length counts every token of the
-  output: the thinking, the cue and the answer.
-- Sampling is seeded per problem, by `seed` and the problem's index in the list (rollout.generate with
-  one seed per prompt): a problem gets the same samples whichever other problems share its batch, so
-  every checkpoint is validated on common random numbers and the numbers do not depend on the world size.
-- Under torchrun, rank r takes problems r, r+W, r+2W, ...; the records are gathered on rank 0, which
-  computes the aggregates and broadcasts them, so every rank returns the same numbers (the
-  per-completion records come back on rank 0 only).
+- Defaults are the paper's: temperature 0.6, top-p 0.95, up to 32,000 new tokens, 64 samples per problem
+  for AIME24 and AMC23 and 16 for the others, and no length prompt: a pruned model must be short alone.
+- pass@1 is the mean correctness of a problem's k samples, averaged over problems; a completion cut off
+  at max_new_tokens is wrong (reward.score). Length counts every generated token, EOS included.
+- Keywords are counted each on its own, case-insensitively, at word boundaries ("But wait" is also a
+  "Wait"), per completion and per 1,000 generated tokens.
+- Perplexity of the reasoning: the text before </think> re-tokenized and scored by a reference model.
+- Budget forcing (s1-style, the paper's baseline): sample up to B tokens; a row still open gets
+  FORCE_CUE if its thinking is open, then `answer_budget` more tokens. Length counts every token.
+- Sampling is seeded per problem (by seed and the problem's index), so every checkpoint is measured
+  on common random numbers, whatever the batch or the world size. Under torchrun rank r takes problems
+  r, r+W, ...; rank 0 gathers the records and broadcasts the aggregates.
 """
 
-import argparse
 import json
 import math
-import os
 import re
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from data import DATA_DIR, build_prompt, load_problems
+import distributed
+from config import check, load_config
+from data import DATA_DIR, SYSTEM_PROMPT, build_prompt, eos_ids, load_problems, seed_for
 from model import Transformer
+from report import keyword_table, results_table, write_json, write_text
 from reward import score
 from rollout import Rollout, generate
 
@@ -95,26 +85,6 @@ def count_keywords(text: str) -> dict:
     return {kw: len(r.findall(text)) for kw, r in KEYWORD_RES.items()}
 
 
-def eos_ids(model, tokenizer) -> tuple[int, ...]:
-    """Every id that ends a completion: the model config's eos_token_id (int or list) and the tokenizer's."""
-    ids = model.args.eos_token_id
-    ids = set([ids] if isinstance(ids, int) else ids or [])
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return tuple(sorted(ids))
-
-
-def problem_seed(seed: int, i: int) -> int:
-    """The sampling seed of problem i (or of a budget-forcing tail) under the run's seed."""
-    return (seed * 1_000_003 + i) % 2**63
-
-
-def _rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # ---- sampling ------------------------------------------------------------------------------------------
 
 def budget_force(model, tokenizer, prompts: list[list[int]], n: int, budget: int, answer_budget: int,
@@ -139,7 +109,7 @@ def budget_force(model, tokenizer, prompts: list[list[int]], n: int, budget: int
         # depend on which other rows were still open
         tails = generate(model, [prompts[first.prompt_index[i]] + heads[i] for i in open_rows], 1, answer_budget,
                          temperature=temperature, top_p=top_p, eos_ids=eos, **gen_kw,
-                         seed=[problem_seed(seeds[first.prompt_index[i]], 1 + i % n) for i in open_rows])
+                         seed=[seed_for(seeds[first.prompt_index[i]], 1 + i % n) for i in open_rows])
     tail_of = {i: k for k, i in enumerate(open_rows)}  # open row -> its row in `tails`
     rows, logps, finished = [], [], first.finished.clone()
     for i in range(N):
@@ -165,10 +135,9 @@ def budget_force(model, tokenizer, prompts: list[list[int]], n: int, budget: int
 @torch.no_grad()
 def reasoning_nll(ref_model, ref_tokenizer, texts: list[str], max_tokens: int = 16384,
                   chunk: int = 2048) -> list[tuple[float, int]]:
-    """(summed NLL, tokens) of each text's reasoning (before </think>) under the reference model.
-    Batches hold at most max_tokens padded tokens (one long text goes alone), and the fp32
-    log-softmax runs over `chunk` positions of one row at a time: 32k tokens x a 152k vocabulary
-    would not fit."""
+    """(summed NLL, tokens) of each text's reasoning (before </think>) under the reference model, after
+    BOS where its tokenizer has one. Batches hold at most max_tokens padded tokens (one long text goes
+    alone); the model's chunked log-probs keep 32k tokens x a 152k vocabulary out of memory."""
     device = next(ref_model.parameters()).device
     bos = [ref_tokenizer.bos_token_id] if ref_tokenizer.bos_token_id is not None else []
     seqs = [bos + ref_tokenizer.encode(t.split(THINK_END)[0], add_special_tokens=False) for t in texts]
@@ -182,17 +151,11 @@ def reasoning_nll(ref_model, ref_tokenizer, texts: list[str], max_tokens: int = 
         ids = torch.zeros(len(batch), T, dtype=torch.long, device=device)  # (B, T), right-padded
         for i, x in enumerate(batch):
             ids[i, :len(x)] = torch.tensor(x)
-        nll = ids[:, :0].float()  # (B, 0): texts of one token or none have nothing to predict
-        if T > 1:
-            logits = ref_model(ids)  # (B, T, V); padding sits after each text, so causal attention ignores it
-            # position t predicts ids[:, t + 1]: the last position predicts nothing; one row's `chunk`
-            # positions at a time in fp32
-            nll = torch.stack([torch.cat([F.cross_entropy(logits[b, t:min(t + chunk, T - 1)].float(),
-                                                          ids[b, t + 1:t + 1 + chunk], reduction="none")
-                                          for t in range(0, T - 1, chunk)]) for b in range(len(batch))])  # (B, T-1)
+        logp = ids[:, :0].float()  # (B, 0): texts of one token or none have nothing to predict
+        if T > 1:  # position t predicts ids[:, t + 1]; padding sits after each text, so causal attention ignores it
+            logp, _ = ref_model(ids[:, :-1], targets=ids[:, 1:], chunk=chunk)  # (B, T-1)
         for i, x in enumerate(batch):
-            n_pred = max(len(x) - 1, 0)
-            out.append((float(nll[i, :n_pred].sum()), n_pred))
+            out.append((-float(logp[i, :max(len(x) - 1, 0)].sum()), max(len(x) - 1, 0)))
         s += n
     return out
 
@@ -206,14 +169,14 @@ def evaluate(model, tokenizer, problems: list[dict], samples: int, max_new_token
     "records" (list of Completion). `limit` puts the length prompt in the system turn (none by default);
     `budget` turns on budget forcing at B=budget; `ref` = (model, tokenizer) adds the perplexity."""
     t0 = time.time()
-    rank, world = _rank_world()
+    rank, world = distributed.rank(), distributed.world()
     mine = problems[rank::world]
     if limit is not None and system_prompt is None:
         raise ValueError("evaluate: a length prompt (limit) needs the system_prompt it goes in")
     prompts = [build_prompt(tokenizer, p["problem"], limit, system_prompt or "") for p in mine]
     gen_kw = {} if max_batch is None else {"max_batch": max_batch}
-    eos = eos_ids(model, tokenizer)
-    seeds = [problem_seed(seed, i) for i in range(rank, len(problems), world)]  # by index in `problems`
+    eos = eos_ids(tokenizer, model.args.eos_token_id)
+    seeds = [seed_for(seed, i) for i in range(rank, len(problems), world)]  # by index in `problems`
     records = []
     if mine:
         was_training = model.training
@@ -283,45 +246,6 @@ def summarize(records: list[Completion]) -> dict:
     return out
 
 
-def write_json(path: Path, obj):
-    """Write JSON atomically (a temporary file, then a rename): a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def headline(res: dict) -> dict:
-    """The numbers a summary quotes from an `evaluate` result."""
-    return {"accuracy": res["accuracy"], "mean_length": res["mean_length"],
-            "wait_per_completion": res["keywords"]["Wait"]["per_completion"]}
-
-
-# ---- tables --------------------------------------------------------------------------------------------
-
-def results_table(runs: list[dict]) -> str:
-    """Markdown: one row per (checkpoint, benchmark, budget) run."""
-    lines = ["| checkpoint | benchmark | budget | k | pass@1 (%) | mean len | median len | truncated (%) "
-             "| Wait/compl | perplexity |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in runs:
-        ppl = f"{r['perplexity']:.2f}" if "perplexity" in r else "-"
-        lines.append(f"| {r['ckpt']} | {r['data']} | {r.get('budget') or '-'} | {r.get('samples', '-')} "
-                     f"| {100 * r['accuracy']:.1f} | {r['mean_length']:.0f} | {r['median_length']:.0f} "
-                     f"| {100 * r['truncation_rate']:.1f} | {r['keywords']['Wait']['per_completion']:.2f} | {ppl} |")
-    return "\n".join(lines)
-
-
-def keyword_table(runs: list[dict], label: str = "ckpt") -> str:
-    """Markdown: keywords down, runs across (per completion / per 1k tokens), e.g. before vs after pruning."""
-    head = "| keyword | " + " | ".join(f"{r[label]} /compl | {r[label]} /1k tok" for r in runs) + " |"
-    lines = [head, "|---|" + "---|---|" * len(runs)]
-    for kw in KEYWORDS:
-        cells = " | ".join(f"{r['keywords'][kw]['per_completion']:.2f} | {r['keywords'][kw]['per_1k_tokens']:.2f}"
-                           for r in runs)
-        lines.append(f"| {kw} | {cells} |")
-    return "\n".join(lines)
-
-
 # ---- CLI -----------------------------------------------------------------------------------------------
 
 def load_model(path: str, device):
@@ -329,83 +253,85 @@ def load_model(path: str, device):
     return Transformer.from_pretrained(path, device=device).eval(), AutoTokenizer.from_pretrained(path)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    ap.add_argument("--ckpt", required=True, help="checkpoint dir(s), comma-separated (two: before vs after)")
-    ap.add_argument("--data", default="aime24,amc23,math500,olympiadbench,minerva",
-                    help="benchmark short names or JSONL paths, comma-separated")
-    ap.add_argument("--samples", type=int, default=None, help="k per problem (default: 64 for aime24/amc23, else 16)")
-    ap.add_argument("--max_new_tokens", type=int, default=32000)
-    ap.add_argument("--temperature", type=float, default=0.6)
-    ap.add_argument("--top_p", type=float, default=0.95)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=None, help="state this limit in the system prompt (default: none)")
-    ap.add_argument("--system_prompt", default=None,
-                    help="with --limit: the system prompt, \"{L}\" = the limit (default: train.py's)")
-    ap.add_argument("--budget", default="", help="budget forcing at these B, comma-separated (e.g. 500,1000,2000)")
-    ap.add_argument("--answer_budget", type=int, default=256, help="tokens allowed after the forced cue")
-    ap.add_argument("--ref", default=None, help="reference model dir for the perplexity of the reasoning")
-    ap.add_argument("--n_problems", type=int, default=None,
-                    help="only the first N problems of each benchmark (default: all)")
+@dataclass
+class EvalConfig:
+    ckpt: str = ""  # checkpoint dir(s), comma-separated (two: before vs after)
+    data: str = "aime24,amc23,math500,olympiadbench,minerva"  # short names or JSONL paths, comma-separated
+    out: str = ""  # output directory
+    samples: int | None = None  # k per problem; None: 64 for aime24/amc23, 16 for the others
+    max_new_tokens: int = 32000
+    temperature: float = 0.6
+    top_p: float = 0.95
+    seed: int = 0
+    limit: int | None = None  # state this limit in the system prompt (None: no length prompt)
+    system_prompt: str = SYSTEM_PROMPT  # with a limit; "{L}" = the limit
+    budget: str = ""  # budget forcing at these B, comma-separated (e.g. 500,1000,2000)
+    answer_budget: int = 256  # tokens allowed after the forced cue
+    ref: str = ""  # reference model dir for the perplexity of the reasoning
+    n_problems: int | None = None  # only the first N problems of each benchmark (None: all)
     # KV cache of R1-Distill-1.5B at 32k tokens: ~0.93 GB a row in bf16, so 32 rows ~ 30 GB
-    ap.add_argument("--max_batch", type=int, default=32, help="rows decoded together (KV-cache slots)")
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    if args.n_problems is not None and args.n_problems < 1:
-        ap.error(f"--n_problems={args.n_problems}: give N >= 1, or leave it out for every problem")
-    try:
-        budgets = [None] + [int(b) for b in args.budget.split(",") if b]
-    except ValueError:
-        ap.error(f"--budget={args.budget}: expected token counts, comma-separated")
+    max_batch: int = 32  # rows decoded together (KV-cache slots)
 
-    # SYSTEM_PROMPT: what the model was trained with
-    from train import SYSTEM_PROMPT, destroy_process_group, init_process_group
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        init_process_group(torch.cuda.is_available())
-    if args.limit is not None and args.system_prompt is None:
-        args.system_prompt = SYSTEM_PROMPT
-    rank, _ = _rank_world()
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    def budgets(self) -> list[int]:
+        return [int(b) for b in self.budget.split(",") if b.strip()]
+
+    def check(self):
+        check(bool(self.ckpt), "ckpt", self.ckpt, "give the checkpoint dir(s) to evaluate")
+        check(bool(self.out), "out", self.out, "give the output directory")
+        check(self.samples is None or self.samples >= 1, "samples", self.samples, "k >= 1 (None: the paper's k)")
+        check(self.n_problems is None or self.n_problems >= 1, "n_problems", self.n_problems,
+              "N >= 1, or None for every problem")
+        check(all(b.strip().isdigit() and int(b) >= 1 for b in self.budget.split(",") if b.strip()),
+              "budget", self.budget, "token counts >= 1, comma-separated")
+        for key in ("max_new_tokens", "answer_budget", "max_batch"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        check(self.limit is None or self.limit >= 1, "limit", self.limit, "must be >= 1 (None: no length prompt)")
+        check(self.temperature >= 0 and math.isfinite(self.temperature), "temperature", self.temperature,
+              "a finite number >= 0 (0 = greedy)")
+        check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    path = argv[0] if argv and not argv[0].startswith("--") else None
+    cfg = load_config(path, argv[1:] if path else argv, EvalConfig)
+    d = distributed.init()
     # every benchmark is read before any model is loaded: a bad name fails now, not after hours of sampling
-    benches = {name: load_problems(benchmark_path(name))[:args.n_problems] for name in args.data.split(",")}
-    ref = load_model(args.ref, device) if args.ref else None
-    runs, out = [], Path(args.out)
+    benches = {name: load_problems(benchmark_path(name))[:cfg.n_problems] for name in cfg.data.split(",")}
+    ref = load_model(cfg.ref, d.device) if cfg.ref else None
+    runs, records, out = [], [], Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    rec_file = open(out / "records.jsonl", "w") if rank == 0 else None
-    for ckpt in args.ckpt.split(","):
-        model, tokenizer = load_model(ckpt, device)
+    for ckpt in cfg.ckpt.split(","):
+        model, tokenizer = load_model(ckpt, d.device)
         for name, problems in benches.items():
-            k = args.samples or samples_for(name)
-            for B in budgets:
-                res = evaluate(model, tokenizer, problems, k, args.max_new_tokens, args.temperature, args.top_p,
-                               args.seed, limit=args.limit, system_prompt=args.system_prompt, budget=B,
-                               answer_budget=args.answer_budget, ref=ref, max_batch=args.max_batch)
-                records = res.pop("records")
-                run = {"ckpt": ckpt, "data": name, "budget": B, "samples": k, **res}
-                runs.append(run)
-                if rank == 0:
-                    for r in records:
-                        rec_file.write(json.dumps({"ckpt": ckpt, "data": name, "budget": B, **asdict(r)}) + "\n")
-                    rec_file.flush()
-                    # after every run, so that a kill or a crash later keeps what is done
-                    write_json(out / "eval.json", {"args": vars(args), "runs": runs})
+            k = cfg.samples or samples_for(name)
+            for B in [None] + cfg.budgets():
+                res = evaluate(model, tokenizer, problems, k, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+                               cfg.seed, limit=cfg.limit, system_prompt=cfg.system_prompt, budget=B,
+                               answer_budget=cfg.answer_budget, ref=ref, max_batch=cfg.max_batch)
+                records += [{"ckpt": ckpt, "data": name, "budget": B, **asdict(r)} for r in res.pop("records")]
+                runs.append({"ckpt": ckpt, "data": name, "budget": B, "samples": k, **res})
+                if d.rank == 0:  # after every run, so that a crash later keeps what is done
                     print(f"{ckpt} {name} B={B or '-'}: pass@1 {100 * res['accuracy']:.1f}% "
                           f"mean len {res['mean_length']:.0f} truncated {100 * res['truncation_rate']:.1f}% "
                           f"({res['seconds']:.0f}s)", flush=True)
+                    md = write_outputs(out, cfg, runs, records)
         del model
-    if rank == 0:
-        rec_file.close()
-        plain = [r for r in runs if r["budget"] is None]
-        md = ["# Evaluation", "", results_table(runs), ""]
-        for name in benches:
-            md += [f"## Keywords: {name}", "", keyword_table([r for r in plain if r["data"] == name]), ""]
-        (out / "eval.md").write_text("\n".join(md))
-        print("\n".join(md))
-    if dist.is_initialized():
-        destroy_process_group()
+    if d.rank == 0:
+        print(md)
+
+
+def write_outputs(out: Path, cfg: EvalConfig, runs: list[dict], records: list[dict]) -> str:
+    """records.jsonl, eval.json and eval.md, each replaced whole; returns the Markdown."""
+    md = ["# Evaluation", "", results_table(runs), ""]
+    for name in dict.fromkeys(r["data"] for r in runs):
+        md += [f"## Keywords: {name}", "", keyword_table([r for r in runs if r["data"] == name and r["budget"] is None]), ""]
+    write_text(out / "records.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_json(out / "eval.json", {"config": asdict(cfg), "runs": runs})
+    write_text(out / "eval.md", "\n".join(md))
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
     main()
+    distributed.cleanup()

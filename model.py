@@ -1,42 +1,35 @@
 """
 A Qwen2-family decoder in plain PyTorch, read from and written to Hugging Face checkpoint directories.
 
-This is the architecture of DeepSeek-R1-Distill-Qwen-1.5B/7B and Qwen2.5: RMSNorm, rotary position
-embeddings (RoPE), grouped-query attention with a bias on q/k/v, a SwiGLU MLP, and a tied or untied
-output head. Module and parameter names follow transformers' Qwen2 (`layers.0.self_attn.q_proj`), so a
-checkpoint loads by stripping the `model.` prefix and nothing else.
+The architecture of DeepSeek-R1-Distill-Qwen-1.5B/7B and Qwen2.5: RMSNorm, RoPE, grouped-query
+attention with a bias on q/k/v, a SwiGLU MLP, a tied or untied head. Parameter names follow
+transformers' Qwen2, so a checkpoint loads by stripping the `model.` prefix and nothing else.
 
     model = Transformer.from_pretrained("path/to/DeepSeek-R1-Distill-Qwen-1.5B")  # bf16 on GPU, fp32 on CPU
-    logits = model(input_ids)                                                      # (B, T, V)
-    model.save_pretrained("out/")                                                  # transformers/vLLM load this
+    logits = model(input_ids)                                   # (B, T, V)
+    logp, entropy = model(input_ids, targets=targets)           # (B, k): log-probs of the next tokens
+    model.save_pretrained("out/")                               # transformers and vLLM load this
 
 Choices:
-- One forward serves training and sampling. `position_ids` are explicit so padded and packed rows get the
-  right RoPE; `mask` is a boolean (B, 1, T, S) "may attend" mask; `cache` is a static `KVCache` that the
-  forward writes in place at the rows' positions (gpt-fast style: fixed shapes, so a decode step compiles).
-  A cache without a mask is a prefill: T new tokens from position 0 into a cache of length T, causal.
-  That is what lets a prefill use flash attention: on CUDA, SDPA with a mask and GQA falls back to its
-  math kernel, which holds the (B, heads, T, T) scores.
-- In a cache row the sequence always starts at index 0 and position == cache index, so each row of a
-  batch can be at its own length (the sampler relies on this for continuous batching).
-- Attention is torch SDPA. On CUDA with flash-attn installed and a 16-bit dtype, mask-free causal
-  attention and packed sequences (`cu_seqlens`, padding-free training) go to flash-attn; elsewhere a packed batch gets a
-  block-diagonal causal mask. Both give the same outputs to tolerance. A decode step on the CPU over a
-  short cache attends with two batched matmuls instead (see DECODE_MATMUL_MAX_LEN).
-- The linear layers are nn.Linear with one addition: inside `packed_weights` (the sampler on the CPU in
-  fp32) they multiply by a copy of their weight packed for oneDNN, whose GEMM ran 1.8-2.6x faster than
-  MKL's on the AMD EPYC this was measured on.
-- RoPE angles are computed in fp32 from the positions on every call (cheap next to the matmuls) rather
-  than kept in a buffer that `.to(bfloat16)` would round.
-- Loading builds the model on the meta device and assigns each tensor straight from safetensors, so a
-  7B checkpoint is never materialised twice. Sliding-window attention and RoPE scaling are not
-  implemented; a config asking for them is refused rather than run wrongly.
+- One forward serves training and sampling. `position_ids` are explicit so padded rows get the right
+  RoPE; `mask` is a boolean (B, 1, T, S) "may attend" mask; `cache` is a static `KVCache` written in
+  place at the rows' positions (gpt-fast style: fixed shapes, so a decode step compiles). In a cache row
+  position == cache index, so each row can be at its own length. A cache without a mask is a prefill
+  (causal, from position 0), which lets it use flash attention.
+- With `targets`, the forward returns fp32 log-probs and entropies instead of logits, computing the head
+  and the log-softmax over `chunk` positions of one row at a time under activation checkpointing: the
+  (B, T, V) logits and their gradient never exist (at 152k vocabulary they dwarf the model's activations).
+- Attention is torch SDPA; on CUDA with flash-attn and a 16-bit dtype, causal and packed (`cu_seqlens`)
+  attention go to flash-attn. RoPE angles are computed in fp32 from the positions on every call.
+- Loading builds the model on the meta device and assigns each tensor straight from safetensors. Sliding
+  windows and RoPE scaling are refused rather than run wrongly.
+- Two CPU speed paths for sampling sit in a fenced section at the end of the file (a reader can skip it).
 """
 
 import json
 import math
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -46,6 +39,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import checkpoint
 
 try:  # GPU only; absent on CPU machines
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -55,12 +49,6 @@ except ImportError:
 # Files that travel with a checkpoint so that transformers can rebuild the tokenizer and chat template.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
-
-# A CPU decode step attends with two batched matmuls up to this many cache positions, with SDPA beyond
-# (128 rows, 2 threads, AMD EPYC: the matmuls were 1.1-2x faster at 128-256 positions, level or faster
-# at 384-768, 1.4x slower at 1024).
-DECODE_MATMUL_MAX_LEN = 512
-
 
 def device_and_dtype(device=None):
     """The device to run on and its training/sampling dtype: bf16 on CUDA, fp32 on CPU."""
@@ -181,14 +169,15 @@ def packed_causal_mask(cu_seqlens: torch.Tensor, T: int) -> torch.Tensor:
     return (causal & (doc[:, None] == doc[None, :]))[None, None]
 
 
-class Linear(nn.Linear):
-    """nn.Linear that can run from a copy of its weight prepacked for oneDNN (Transformer.packed_weights)."""
-    packed = None  # an opaque mkldnn tensor while packed
-
-    def forward(self, x):
-        if self.packed is None or torch.is_grad_enabled():  # the packed op has no gradient for the weight
-            return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+def logprobs(logits, targets, temperature: float = 1.0, entropy_grad: bool = False):
+    """logits (..., V) in any dtype, targets (...) -> log-probs of the targets and entropies (...) in fp32,
+    of softmax(logits / temperature): the sampler's distribution, so an importance ratio starts at 1."""
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, -1)
+    logp = z.gather(-1, targets[..., None])[..., 0] - lse
+    with nullcontext() if entropy_grad else torch.no_grad():
+        entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
+    return logp, entropy
 
 
 class Attention(nn.Module):
@@ -214,11 +203,8 @@ class Attention(nn.Module):
             # a decode step: the nh/nkv query heads that share a kv head go in as that head's query rows
             # (all see the row's one mask), so there is no GQA expansion
             q = q.reshape(B, self.nkv, self.nh // self.nkv, self.hd)  # (B, nkv, nh/nkv, hd)
-            if x.device.type != "cpu" or k.size(2) > DECODE_MATMUL_MAX_LEN:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            else:  # CPU, short cache: SDPA's kernel pays per (row, kv head); two batched matmuls do not
-                s = (q @ k.transpose(2, 3)).mul_(self.hd ** -0.5)  # (B, nkv, nh/nkv, S)
-                y = s.masked_fill_(~mask, float("-inf")).softmax(-1) @ v
+            y = (cpu_decode_attention(q, k, v, mask) if x.device.type == "cpu" and k.size(2) <= DECODE_MATMUL_MAX_LEN
+                 else F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
             y = y.reshape(B, self.nh, 1, self.hd)
         else:
             if cu_seqlens is not None:
@@ -291,35 +277,13 @@ class Transformer(nn.Module):
                     p.copy_(torch.randn(p.shape, generator=g) * s)
         return self
 
-    @contextmanager
-    def packed_weights(self, rows: int):
-        """For inference in fp32 on the CPU: for the duration, every linear layer run without autograd
-        multiplies by a copy of its weight prepacked in oneDNN's blocked layout for GEMMs of about `rows`
-        rows (a second copy of the weights in memory). The weights must not change inside. Why: on the AMD
-        EPYC (Zen 5) this was measured on, the MKL fp32 GEMM that F.linear calls ran 1.8-2.6x slower than
-        oneDNN's packed one at 128-2048 rows and the 40M bench model's layer shapes (not measured on Intel
-        CPUs); both are fp32 throughout (max error against fp64 at K=512: oneDNN ~5e-6, MKL ~2e-6). A no-op elsewhere
-        (CUDA, bf16, FSDP-sharded weights, a torch without these oneDNN ops). torch.compile cannot trace the
-        packed tensors: a compiled forward must run outside this context."""
-        linears = [m for m in self.modules() if isinstance(m, Linear)]
-        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
-                        and not isinstance(m.weight, DTensor) for m in linears)):
-            yield
-            return
-        try:
-            for m in linears:
-                m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
-            yield
-        finally:
-            for m in linears:
-                m.packed = None
-
     def forward(self, input_ids, position_ids=None, mask=None, cache: KVCache | None = None, cu_seqlens=None,
-                logits_at: torch.Tensor | None = None):
+                logits_at=None, targets=None, temperature: float = 1.0, chunk: int = 1024, entropy_grad: bool = False):
         """input_ids (B, T) -> logits (B, T, V). See the module docstring for position_ids, mask, cache, cu_seqlens.
-        logits_at (B, k): only these positions go through the head -> logits (B, k, V). A sampler's prefill
-        needs one position per prompt, and the head's (B, T, V) output dwarfs everything else at 152k vocab."""
+        logits_at (B, k): only these positions go through the head -> logits (B, k, V) (a sampler's prefill).
+        targets (B, k): the tokens that follow the last k positions -> (log-probs, entropies), each (B, k) fp32,
+        of softmax(logits / temperature), computed `chunk` positions at a time (module docstring); the
+        entropies carry a gradient only with entropy_grad."""
         B, T = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -332,7 +296,21 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, position_ids, mask, cache, cu_seqlens)
         if logits_at is not None:
             x = x.gather(1, logits_at[:, :, None].expand(-1, -1, x.size(-1)))  # (B, k, H)
-        return self.lm_head(self.norm(x))
+        if targets is None:
+            return self.lm_head(self.norm(x))
+        x = x[:, T - targets.size(1):]  # (B, k, H)
+        logp, entropy = [], []
+        for b in range(B):
+            for s in range(0, targets.size(1), chunk):
+                args = (x[b, s:s + chunk], targets[b, s:s + chunk], temperature, entropy_grad)  # (C, H), (C,)
+                lp, ent = checkpoint(self._head_logprobs, *args, use_reentrant=False) \
+                    if torch.is_grad_enabled() else self._head_logprobs(*args)
+                logp.append(lp)
+                entropy.append(ent)
+        return torch.cat(logp).view(targets.shape), torch.cat(entropy).view(targets.shape)
+
+    def _head_logprobs(self, h, targets, temperature, entropy_grad):
+        return logprobs(self.lm_head(self.norm(h)), targets, temperature, entropy_grad)
 
     # ---- Hugging Face checkpoint directories -------------------------------------------------------------
 
@@ -440,3 +418,50 @@ def _weight_files(path: Path) -> dict:
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     return {single: None}
 
+
+# ==== CPU speed paths for sampling: skip on a first reading =================================================
+# Sampling on the CPU in fp32 spends its time in GEMMs of ~rows x hidden and in attention of one query row
+# per sequence. Two paths make that faster (bench/README.md has the measurements); neither changes what
+# is computed beyond float rounding, neither is used on CUDA or under autograd.
+
+# A CPU decode step attends with two batched matmuls up to this many cache positions, with SDPA beyond:
+# SDPA's CPU kernel pays per (row, kv head), which dominates at short caches and not at long ones.
+DECODE_MATMUL_MAX_LEN = 512
+
+
+def cpu_decode_attention(q, k, v, mask):
+    """q (B, nkv, g, hd) (the g query heads that share a kv head), k/v (B, nkv, S, hd), mask (B, 1, 1, S)."""
+    s = (q @ k.transpose(2, 3)).mul_(q.size(-1) ** -0.5)  # (B, nkv, g, S)
+    return s.masked_fill_(~mask, float("-inf")).softmax(-1) @ v
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can run from a copy of its weight prepacked for oneDNN (`packed_weights`)."""
+    packed = None  # an opaque mkldnn tensor while packed
+
+    def forward(self, x):
+        if self.packed is None or torch.is_grad_enabled():  # the packed op has no gradient for the weight
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+@contextmanager
+def packed_weights(model: Transformer, rows: int):
+    """For the duration, every linear layer of `model` run without autograd multiplies by a copy of its
+    weight prepacked in oneDNN's blocked layout for GEMMs of about `rows` rows (fp32 throughout; the copy
+    doubles the weights' memory; the weights must not change inside). oneDNN's packed GEMM is faster than
+    the MKL GEMM that F.linear calls on the CPUs we measured. A no-op on CUDA, in bf16, for FSDP-sharded
+    weights and on a torch without these ops. torch.compile cannot trace the packed tensors."""
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and all(m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                    and not isinstance(m.weight, DTensor) for m in linears)):
+        yield
+        return
+    try:
+        for m in linears:
+            m.packed = torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows)
+        yield
+    finally:
+        for m in linears:
+            m.packed = None

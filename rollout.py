@@ -9,61 +9,29 @@ Rows are prompt-major: row i is sample i % n of prompt i // n (a GRPO group is n
 A row stops at the first EOS (kept: learning when to stop is the method) or after exactly
 `max_new_tokens` tokens without one: the hard cutoff, `finished=False`.
 
-How it works (the numbered steps in `generate` follow this list)
-1. One static `KVCache` of `max_batch` slots, each max prompt length + max_new_tokens long (gpt-fast
-   style: preallocated, so the decode step has fixed shapes and `torch.compile` can take it).
-2. Admission: a free slot takes the next waiting row. Each prompt is prefilled once (batched with the
-   other prompts admitted at the same time, right-padded) and its keys/values are copied into the slots
-   of its samples; each sample draws its own first token from the shared prefill logits.
-3. Once nothing waits, the running rows are packed into the front slots whenever they fit in half the
-   width, and the step runs on that many slots only (widths B, then powers of two: few distinct shapes).
-4. Decode: every step, each slot in use feeds its last token; attention reads only the cache prefix in
-   use, rounded up to a multiple of 16 positions, not the whole preallocated length (3 and 4 only skip
-   work that is masked out anyway). Idle slots among the first `width` feed a dummy token at position 0
-   and their output goes to a spare output row that is thrown away.
-5. A row that stops frees its slot and the next waiting row takes it at once (continuous batching), so
-   long-tailed lengths do not leave the batch half empty while anything is still waiting.
+How it works (the numbered steps in `generate`):
+1. One static `KVCache` of `max_batch` slots (gpt-fast style: fixed shapes, so a decode step compiles).
+2. Admission: a free slot takes the next waiting row. Each prompt is prefilled once, its keys/values
+   copied into the slots of its n samples, each of which draws its own first token.
+3. Once nothing waits, running rows are packed into the front slots whenever they fit in half the
+   width, and steps run on that many slots only (few distinct shapes).
+4. Decode: each slot in use feeds its last token; attention reads only the cache prefix in use (rounded
+   up to 16 positions). Idle slots among the first `width` write into a spare output row.
+5. A row that stops frees its slot for the next waiting row at once (continuous batching).
 
-Randomness: a `torch.Generator` seeded with `seed` draws a table u of shape (N, max_new_tokens) of
-uniforms on the CPU; token t of row i is drawn by inverse-CDF sampling with u[i, t]. So a row's
-randomness belongs to (seed, prompt, sample, step), not to the slot it ran in: the same seed gives the
-same rollout for any `max_batch`, and "batched equals one at a time" holds in sampled mode too, up to
-floating-point differences (in fp32 on CPU a tie at most; in bf16 on GPU another batch width can change
-a GEMM's rounding and so, now and then, a token). `seed` may also be a list with one seed per prompt:
-each prompt's n rows of the table are then drawn from its own generator, so its samples do not depend on
-which other prompts share the call (the trainer and evaluation seed by a prompt's global index, so
-results do not depend on how prompts are split over ranks). One uniform per token keeps this cheap: a
-Gumbel-max draw would need V uniforms per token, per-row generators would need a Python loop per step.
-The table costs 4 bytes per possible token (1024 rows x 16k tokens = 64 MB), drawn once.
+Randomness: token t of row i is drawn by inverse-CDF sampling with uniform u[i, t] from a table drawn
+once per call from `seed` (or one generator per prompt when `seed` is a list): a row's randomness
+belongs to (seed, prompt, sample, step), not to the slot it ran in, so any `max_batch` gives the same
+samples (up to float rounding) and a prompt's samples do not depend on the prompts beside it.
 
-Sampling distribution: logits in fp32 (also when the model runs in bf16), divided by the temperature,
-then top-k, then top-p on the renormalised top-k distribution (the smallest set of most likely tokens
-whose mass reaches top_p; the top token always stays). `logprobs` are the log-probs of the sampled
-tokens under exactly that distribution, which is what the trainer's importance ratio needs as the
-"old" policy. temperature=0 is greedy and its logprobs are those of the plain softmax.
+Sampling distribution: fp32 logits / temperature, then top-k, then top-p (the smallest set of most
+likely tokens whose mass reaches top_p). `logprobs` are under exactly that distribution: the "old"
+policy of the trainer's importance ratio. temperature=0 is greedy, with the plain softmax's logprobs.
+On the CPU in fp32 the linear layers run from oneDNN-packed weights (model.py's fenced speed paths).
+`compile=True` compiles the decode step with its sampling (meant for CUDA).
 
-Speed (bench/rollout.py --repeats 3: 16 prompts x 8 samples x 256 tokens, CPU, 2 threads, same weights,
-OpenMP's default wait policy), against transformers' generate on an AMD EPYC (Zen 5): 3.7x on a 40M
-Qwen2 shape (2853 vs 763 tokens/s) and 2.0x on the 0.9M toy shape (24054 vs 12092). Two CPU choices in
-model.py carry much of it; without them, on the same machine, 1.8x and 1.6x:
-- the linear layers multiply by weights packed for oneDNN (`Transformer.packed_weights`, entered below):
-  MKL's fp32 GEMM, which F.linear calls, ran at 175-210 GFLOP/s on this CPU, oneDNN's at 420-470;
-- a decode step over a short cache attends with two batched matmuls, not SDPA, whose CPU kernel pays per
-  (row, kv head) (DECODE_MATMUL_MAX_LEN).
-A 40M step (128 rows, ~44 ms; profiled over the bench's 256 tokens) is the linear layers ~25 ms, attention
-~10 ms, sampling ~2.4 ms and small ops; transformers takes ~168 ms. The toy step (~5.2 ms) is attention
-~3 ms (per layer, 256 matmuls of 2 query rows by a row's keys, at ~13 GB/s of cache read), 29 linear calls
-~1.1 ms and ~150 small ops: per-call costs, hence the lower ratio there. Other gains: each prompt prefilled
-once (logits at its last position only), no per-step cache growth, no GQA expansion, attention over the
-cache prefix in use only, and sampling without a vocabulary-wide cumsum or a fresh (B, V) buffer. With
-OMP_WAIT_POLICY=PASSIVE, the setting for a shared machine, both sides pay for thread wake-ups: 3.1x (40M)
-and 1.5x (toy).
-`compile=True` compiles the decode step with its sampling (~20-30 s of compiling on these shapes). It
-cannot trace the packed weights, so a compiled step runs MKL's GEMMs: 2.2x on both CPU shapes, below
-eager. It is meant for CUDA, where it has not been measured.
-
-Simplifications: attention over the cache reads the masked padding up to the rounded prefix length; one
-host sync per step checks whether any row stopped.
+Simplifications: attention reads the masked padding up to the rounded prefix length; one host sync per
+step checks whether any row stopped.
 """
 
 import contextlib
@@ -72,7 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import KVCache, Transformer
+from model import KVCache, Transformer, packed_weights
 
 PREFIX_ROUND = 16  # attend over the cache prefix rounded up to this many positions
 PREFILL_TOKENS = 2**15  # max padded tokens in one prefill forward (bounds its activations and cache)
@@ -92,8 +60,8 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_
            overwrite: bool = False):
     """One token per row by inverse-CDF sampling with the given uniforms.
     logits (B, V) fp32, u (B,) in [0, 1) -> tokens (B,) long, logprobs (B,) fp32 under the sampling distribution.
-    overwrite: work in `logits` itself. The decode loop owns its logits, and on CPU a fresh (B, V) buffer
-    per step costs more in page faults than the arithmetic (40M bench shape: 3.4 of ~5 ms of sampling)."""
+    overwrite: work in `logits` itself. The decode loop owns its logits, and on the CPU a fresh (B, V)
+    buffer per step costs more in page faults than the arithmetic."""
     if temperature == 0:
         tok = logits.argmax(-1, keepdim=True)
         return tok[:, 0], (logits.gather(-1, tok) - logits.logsumexp(-1, keepdim=True))[:, 0]
@@ -121,8 +89,7 @@ def sample(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_
 def _inverse_cdf(w: torch.Tensor, u: torch.Tensor):
     """For weights w (B, K) >= 0, the first column j whose cumulative weight exceeds u * total, and the
     total (both (B, 1)). A cumsum over a 152k vocabulary is a slow sequential scan, so it runs in two
-    levels: over sums of CDF_BLOCK columns, then inside the one block that holds the draw (4x faster for
-    a 32k vocabulary than one cumsum). Rounding can put the target at or past the total: j is clamped to
+    levels: over sums of CDF_BLOCK columns, then inside the one block that holds the draw. Rounding can put the target at or past the total: j is clamped to
     the last column with weight, never a zero-weight (padding, filtered or underflowed) one."""
     B, K = w.shape
     if K % CDF_BLOCK:
@@ -231,9 +198,8 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
         pos[slots] = torch.where(r == N, 0, new_pos)
         return int(stop.sum())
 
-    # on the CPU in fp32 the linear layers run from oneDNN-packed weights (Transformer.packed_weights),
-    # which torch.compile cannot trace
-    with contextlib.nullcontext() if compile else model.packed_weights(B):
+    # on the CPU in fp32 the linear layers run from oneDNN-packed weights, which torch.compile cannot trace
+    with contextlib.nullcontext() if compile else packed_weights(model, B):
         next_row, width, held = 0, B, {}  # held: prompt -> prefill (k, v, logits) while samples still wait
         running, top = 0, 0  # rows in slots; an upper bound on the slots' largest position (host-side, no sync)
         while True:

@@ -3,9 +3,9 @@ The embedded task: a synthetic long-thinking problem set, its tokenizer, and a t
 verbose reference traces, saved so that the rest of the pipeline cannot tell it from R1-Distill.
 
     python toy.py                          # builds runs/toy/{base/, data/{train,val,test}.jsonl} if absent,
-                                           # then measures the base on the test set (accuracy, length, "Wait"s,
-                                           # budget forcing at half its mean length)
-    python toy.py --out runs/demo --steps=300 --hidden_size=96    # any ToyConfig field as --key=value
+                                           # then measures the base on the test set (greedy: accuracy, length,
+                                           # "Wait"s, budget forcing at half its mean length)
+    python toy.py --out=runs/demo --steps=300 --hidden_size=96    # any ToyConfig field as --key=value
 
 The task. "The path is 6 9 0 2 4 3 5 1 8 7. Start at 0 and take four steps along it. Where do you end?"
 -- the ten digits in a random order, a start, and 3 to 9 steps (written as a word) that stay on the
@@ -14,9 +14,8 @@ retrieval: find the current digit on the path and copy the one after it, which a
 learns as an induction head. A shortcut exists -- the answer is the digit k places after the start --
 but the SFT'd 3-layer model does not take it: cut its thinking before the last step (budget forcing,
 README) and it scores little above guessing, so the written steps are necessary in practice. The
-number of steps, and so the necessary length, varies with the problem. (Measured and
-dropped: chains of arithmetic mod 10 -- "3+7=0, 0*3=0, ..." -- which a 0.6M model did not learn in 600
-SFT steps: the digit loss stayed at chance, ln 10, as modular tables are learned slowly.)
+number of steps, and so the necessary length, varies with the problem. (The README lists the tasks
+that were tried and dropped.)
 
 The traces (`write_trace`) think the way long-thinking models do: the necessary steps ("three: 0>2.")
 plus wasted tokens, each with a probability in `TraceStyle`: an opening sentence, re-checks of a step
@@ -50,13 +49,13 @@ disjoint from train and each other; SFT problems are drawn apart from val and te
 {out}/sft_metrics.jsonl (loss per step).
 """
 
-import argparse
 import json
 import math
 import random
 import re
+import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -64,10 +63,10 @@ import torch.nn.functional as F
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer
 
-from data import INSTRUCTION, build_prompt, load_problems
+from config import check, load_config
+from data import INSTRUCTION, SYSTEM_PROMPT, build_prompt, load_problems
 from eval import evaluate
 from model import ModelArgs, Transformer
-from train import SYSTEM_PROMPT
 
 # ---- the task -------------------------------------------------------------------------------------------
 
@@ -191,15 +190,24 @@ class ToyConfig:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    steps: int = 2300  # measured: 600 -> 16% held-out; 1500 -> 95.5% in one build, 50.4% in another; 2300 -> see README
+    steps: int = 2300  # fewer left the base's accuracy build-dependent (README)
     batch_size: int = 16
     lr: float = 3e-3
-    init_std: float = 0.08  # measured: at 0.02 the digit loss sits at chance (ln 10) for 250+ steps; at 0.08 it
-    # leaves that plateau within 50 (the retrieval heads form sooner from larger random q/k)
+    init_std: float = 0.08  # larger random q/k form the retrieval heads sooner: the digit loss leaves chance (ln 10)
     warmup: int = 50
     p_limit: float = 0.25  # share of SFT prompts that carry the RL system prompt, with a generous limit
     seed: int = 0
     threads: int = 2
+
+    def check(self):
+        for key in ("n_train", "n_val", "n_test", "vocab_size", "hidden_size", "intermediate_size",
+                    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "steps", "batch_size",
+                    "warmup", "threads"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        check(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+              self.num_key_value_heads, "must divide num_attention_heads")
+        check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
+        check(0 <= self.p_limit <= 1, "p_limit", self.p_limit, "a probability in [0, 1]")
 
 
 def sft_batch(tokenizer, rows: list[dict], rng: random.Random, p_limit: float):
@@ -314,20 +322,7 @@ def report(base: Path, problems: list[dict], temperature: float, max_new_tokens:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 epilog="any ToyConfig field as --key=value: " + ", ".join(f.name for f in fields(ToyConfig)))
-    ap.add_argument("--out", default=ToyConfig.out)
-    ap.add_argument("--eval_n", type=int, default=500, help="test problems to measure the base on")
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    args, rest = ap.parse_known_args()
-    types = {f.name: f.type for f in fields(ToyConfig)}
-    over = {}
-    for a in rest:
-        key, _, value = a.removeprefix("--").partition("=")
-        if key not in types:
-            raise SystemExit(f"unknown ToyConfig field {key!r}")
-        over[key] = types[key](value)
-    cfg = ToyConfig(out=args.out, **over)
+    cfg = load_config(None, sys.argv[1:], ToyConfig)
     base = ensure_base(cfg)
     torch.set_num_threads(cfg.threads)
-    report(base, load_problems(Path(cfg.out) / "data" / "test.jsonl")[:args.eval_n], args.temperature)
+    report(base, load_problems(Path(cfg.out) / "data" / "test.jsonl"), temperature=0.0)

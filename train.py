@@ -5,87 +5,48 @@ ThinkPrune training: GRPO under a hard token limit L, on one process or many (to
     torchrun --nproc_per_node=8 train.py configs/stage1.py      # FSDP2 over 8 GPUs
     python train.py configs/stage1.py --limit=3000 --lr=2e-6    # --key=value overrides the config file
 
-A completion that has not emitted EOS within its first L generated tokens gets reward 0 whatever it
-says; a finished one gets 1 if its \\boxed{} answer is right (reward.score). That is the whole method:
-the policy learns that thinking past L is worth nothing, and learns to stop.
+A completion with no EOS within its first L generated tokens gets reward 0 whatever it says; a
+finished one gets 1 if its \\boxed{} answer is right (reward.score). The policy learns that thinking
+past L is worth nothing, and learns to stop. A step (`train_step`): the step's problems (a seeded
+order per epoch, split over ranks), G samples of each (rollout.generate, max_new_tokens = L), rewards,
+group advantages, `update` (micro-batches, `grpo_loss`), metrics, and a checkpoint now and then.
 
-One step, in the order `train_step` runs it:
-1. Data: a seeded permutation of the problems per epoch; step s takes the next `prompts_per_step`
-   problems of that order, and rank r the r-th slice of them. The order is a pure function of
-   (seed, step), so a resumed run sees exactly the problems the killed one would have.
-2. Rollout: `rollout.generate` on the *unsharded* model, n = samples_per_prompt, max_new_tokens = L,
-   each prompt's samples seeded by (seed, step, its place in the step's batch): the rollouts do not
-   depend on how many ranks share the batch.
-   Every FSDP module is unsharded once and told not to reshard after forward, so decoding runs no
-   collectives at all: ranks whose rows stop at different lengths never wait for each other (a
-   sharded forward all-gathers per call and deadlocks as soon as one rank runs more decode steps).
-3. Reward: reward.score(text, gold, finished); unfinished -> 0.
-4. Advantage per group of G samples: (r - mean) / (std + eps) (unbiased std, as veRL;
-   `std_normalize=False` gives plain r - mean, as Dr. GRPO argues). Groups whose rewards are all equal
-   carry no policy-gradient signal: they are counted and, with `skip_zero_var_groups`, left out of the
-   update (their KL/entropy terms go with them).
-5. Update: `grpo_loss` (its docstring names every choice), micro-batches of `micro_batch_size`
-   sequences with gradient accumulation, `minibatches` optimizer steps per epoch and `ppo_epochs`
-   epochs per rollout batch (the paper: 1 and 1), AdamW, linear warmup then constant lr, grad clipping.
-   A non-finite loss or grad norm skips the optimizer step (logged as `skipped`).
-6. Metrics (JSONL + tqdm), decoded samples every `sample_every` steps, a checkpoint every `save_every`.
-
-Distributed: torchrun sets WORLD_SIZE; only then is a process group made (nccl on GPU, gloo on CPU)
-and the model wrapped with FSDP2 (`fully_shard` per block, then the root; bf16 params and fp32
-gradient reduction on GPU). The loss is a sum over completion tokens divided by the *global* number
-of completion tokens, times world_size because FSDP averages gradients over ranks. Every rank runs
-the same number of micro-batches (ranks short of rows run zero-weight dummy rows), so the collectives
-of forward and backward always pair up. Reward and length metrics are gathered from all ranks.
-One process on a GPU runs in fp32 (TF32 matmuls): bf16 autocast would make the rollout's KV cache and
-the trained forward disagree in dtype; real runs use torchrun, where FSDP's policy gives bf16. fp32
-doubles the memory: the stage configs' 256 rollout rows at L=4000 are a ~63 GB KV cache at 1.5B, so
-one GPU needs a smaller `rollout_batch`.
-
-Checkpoints: `{out_dir}/step_{step:06d}/` is an HF checkpoint dir (model.py's format: config.json,
-model.safetensors, tokenizer files; loadable by transformers and vLLM) plus `trainer_state.pt` (step,
-RNG states, config, data position) and `optimizer.pt`. Weights are the fp32 master weights, so a
-resume is exact (1.5B: ~7 GB a checkpoint; `keep_last` bounds the disk). The optimizer state is
-gathered to a full, name-keyed state dict and rank 0 writes everything under `.tmp_step_...`, then
-renames it: a kill never leaves a half checkpoint that resume would trust. On resume rank 0 alone
-reads optimizer.pt and broadcasts it into the shards. Rerunning the same command resumes from the
-newest complete checkpoint in out_dir (tested at 1 and at 2 ranks; the format does not depend on the
-world size). metrics.jsonl is cut back to the resumed step so no step appears twice.
-
-Simplifications: the full model is loaded on every rank before sharding (fine at 1.5B; a 70B run
-would want meta-device init + broadcast); every micro-batch's backward reduce-scatters (no
-no_sync-style accumulation); rollouts use our own sampler, not vLLM.
+Choices:
+- Rollouts run on the unsharded model (every FSDP module unsharded once, kept so through decoding):
+  ranks whose rows stop at different lengths never wait for each other in a collective.
+- The loss is summed over completion tokens and divided by the step's completion tokens on all ranks
+  (token-mean), times the world size because FSDP averages gradients; every rank runs the same number
+  of micro-batches (zero-weight dummy rows), so the collectives pair up.
+- Samples are seeded by (seed, step, the prompt's place in the step's batch), the data order by (seed,
+  epoch): a run does not depend on the world size, and a resumed run is the run that was killed.
+- One process on a GPU trains in fp32 (TF32 matmuls); under torchrun FSDP2 keeps fp32 master weights
+  and computes in bf16. A non-finite loss or grad norm skips the optimizer step (logged as `skipped`).
+Simplifications: the full model is loaded on every rank before sharding; every micro-batch's backward
+reduce-scatters; rollouts use our own sampler, not vLLM.
 """
 
 import json
 import math
 import os
 import random
-import shutil
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
-from datetime import timedelta
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+import checkpoint as ckpt
+import distributed
 import reward
-from data import DATA_DIR, build_prompt, load_problems
-from model import Transformer, device_and_dtype
+from config import check, load_config
+from data import DATA_DIR, SYSTEM_PROMPT, batch_indices, build_prompt, eos_ids, load_problems, seed_for
+from distributed import Dist
+from model import Transformer
 from rollout import Rollout, generate
-
-
-# ThinkPrune's official system prompt (its data-prep script), with the limit sentence it appends.
-SYSTEM_PROMPT = (
-    "A conversation between User and Assistant. The user asks a question, and the Assistant solves it. "
-    "The assistant first thinks about the reasoning process in the mind and then provides the user with "
-    "the answer. The reasoning process and answer are enclosed within <think></think> and "
-    "<answer></answer> tags, respectively, i.e., <think> reasoning process here</think><answer> answer "
-    "here</answer>. The output of the assistant should be within {L} tokens.")
 
 
 @dataclass
@@ -124,7 +85,7 @@ class Config:
     grad_clip: float = 1.0  # 0 disables clipping (the norm is still logged)
     micro_batch_size: int = 4  # sequences per forward/backward
     activation_checkpointing: bool = False
-    logprob_chunk: int = 2048  # positions per chunk of the fp32 log-softmax
+    logprob_chunk: int = 2048  # positions per chunk of the head and its fp32 log-softmax
     # checkpoints and logging
     save_every: int = 20
     keep_last: int = 3
@@ -136,90 +97,16 @@ class Config:
     seed: int = 42
     device: str = ""  # "" = cuda when available, else cpu
 
-
-# Collectives wait this long before the NCCL watchdog kills the job (its default is 10 minutes): ranks
-# whose rollouts or evaluation samples differ in length reach a gather at very different times.
-DIST_TIMEOUT = timedelta(hours=3)
-
-
-def init_process_group(cuda: bool, **kw):
-    """nccl with DIST_TIMEOUT on GPUs; gloo with its own 30-minute default on CPUs."""
-    if cuda:
-        dist.init_process_group("nccl", timeout=DIST_TIMEOUT, **kw)
-    else:
-        dist.init_process_group("gloo", **kw)
-
-
-def destroy_process_group():
-    """Every entry point's teardown: all ranks together (a barrier), then destroy. Then a pause without the
-    GIL, for gloo: its worker thread drops each finished collective, whose captured thread-local state holds
-    a Python object, only once it gets the GIL; if that is during interpreter shutdown, the thread cannot
-    take it and the process aborts ("terminate called without an active exception"; FSDP keeps the group
-    alive past destroy, so its threads live until exit). Measured on tests/tiny_run.py --unshard-check under
-    torchrun: 7 aborts in 78 launches without the pause, 0 in 40 with it."""
-    dist.barrier()
-    dist.destroy_process_group()
-    time.sleep(0.1)  # sleeping releases the GIL
-
-
-# ---- config ----------------------------------------------------------------------------------------
-
-def _convert(key: str, value: str, typ):
-    if typ in (list, dict):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(f"--{key}={value}: expected a JSON {typ.__name__}") from None
-        if not isinstance(value, typ):
-            raise ValueError(f"--{key}={value}: expected a JSON {typ.__name__}")
-        return value
-    if typ is bool:
-        if value.lower() in ("true", "1"):
-            return True
-        if value.lower() in ("false", "0"):
-            return False
-        raise ValueError(f"--{key}={value}: expected true/false/1/0")
-    try:
-        return typ(value)
-    except ValueError:
-        raise ValueError(f"--{key}={value}: expected {typ.__name__}") from None
-
-
-def typed(where, key: str, value, typ):
-    """`value` (from a config file) as a field of type `typ`: ints pass as floats, nothing else converts."""
-    if not (isinstance(value, typ) or (typ is float and isinstance(value, int))) or \
-            (typ is not bool and isinstance(value, bool)):
-        raise ValueError(f"{where}: {key} = {value!r} should be of type {typ.__name__}")
-    return typ(value)
-
-
-def load_config(path: str | None, overrides: list[str], cls=Config):
-    """Defaults of the dataclass `cls` <- assignments in the file at `path` <- `--key=value` overrides
-    (lists and dicts as JSON). schedule.py and demo.py read their configs with this too."""
-    cfg, types = cls(), {f.name: f.type for f in fields(cls)}
-    if path:
-        ns: dict = {"__file__": str(path)}  # so that a config can exec another one beside it
-        exec(compile(Path(path).read_text(), path, "exec"), ns)  # its own namespace, not our globals
-        for key, value in ns.items():
-            if key.startswith("__") or type(value).__name__ == "module":
-                continue
-            if key not in types:
-                raise ValueError(f"{path}: unknown config key {key!r}")
-            setattr(cfg, key, typed(path, key, value, types[key]))
-    for arg in overrides:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"{arg!r}: overrides are --key=value")
-        key, value = arg[2:].split("=", 1)
-        if key not in types:
-            raise ValueError(f"--{key}: unknown config key")
-        setattr(cfg, key, _convert(key, value, types[key]))
-    return cfg
+    def check(self):
+        check(self.temperature > 0, "temperature", self.temperature, "training samples: give temperature > 0")
 
 
 # ---- the loss ----------------------------------------------------------------------------------------
 
 def group_advantages(rewards: torch.Tensor, std_normalize: bool, eps: float):
-    """rewards (P, G) -> advantages (P, G), and which groups have zero variance (P,) bool."""
+    """rewards (P, G) -> advantages (P, G), and which groups have zero variance (P,) bool.
+    (r - group mean) / (group std + eps), the unbiased std as veRL; std_normalize=False gives plain
+    r - mean, as Dr. GRPO argues."""
     mean = rewards.mean(1, keepdim=True)
     std = rewards.std(1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(mean)
     adv = rewards - mean
@@ -253,79 +140,12 @@ def grpo_loss(logp, old_logp, ref_logp, entropy, adv, mask, n_tokens, clip_eps, 
     return loss, (kl.detach() * mask).sum(), (entropy.detach() * mask).sum()
 
 
-def _chunk_logprobs(logits, targets, temperature: float, entropy_grad: bool):
-    z = logits.float() / temperature  # (C, V) fp32, only for this chunk
-    lse = torch.logsumexp(z, -1)
-    logp = z.gather(-1, targets[:, None])[:, 0] - lse
-    with nullcontext() if entropy_grad else torch.no_grad():
-        entropy = lse - (torch.softmax(z, -1) * z).sum(-1)
-    return logp, entropy
-
-
-def token_logprobs(logits, targets, temperature: float, chunk: int, entropy_grad: bool):
-    """logits (B, T, V) in the model dtype, targets (B, T) -> log-probs and entropies (B, T) in fp32,
-    at the rollout temperature (so the importance ratio starts at 1). The fp32 log-softmax runs on
-    `chunk` positions of one row at a time under activation checkpointing: backward recomputes it from
-    the model-dtype logits, so no (B, T, V) fp32 tensor is ever held. `logits` may be a view."""
-    B, T, V = logits.shape
-    fn = partial(_chunk_logprobs, temperature=temperature, entropy_grad=entropy_grad)
-    logp, entropy = [], []
-    for b in range(B):
-        for s in range(0, T, chunk):
-            args = (logits[b, s:s + chunk], targets[b, s:s + chunk])  # (C, V), (C,)
-            lp, ent = checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
-            logp.append(lp)
-            entropy.append(ent)
-    return torch.cat(logp).view(B, T), torch.cat(entropy).view(B, T)
-
-
-# ---- distributed -------------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int
-    world: int
-    device: torch.device
-
-    def all_sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            x = x.to(self.device)
-            dist.all_reduce(x)
-        return x.cpu()
-
-    def all_max(self, n: int) -> int:
-        if self.world == 1:
-            return n
-        t = torch.tensor([n], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t)
-
-    def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Concatenate equal-sized tensors from all ranks in rank order."""
-        if self.world == 1:
-            return x
-        x = x.to(self.device)
-        out = torch.empty((self.world * x.size(0), *x.shape[1:]), dtype=x.dtype, device=self.device)
-        dist.all_gather_single(out, x)
-        return out.cpu()
-
-
-def setup_distributed(cfg: Config) -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    device, _ = device_and_dtype(cfg.device or None)
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-    if world > 1 and not dist.is_initialized():
-        init_process_group(device.type == "cuda")
-    return Dist(rank, world, device)
-
+# ---- the model under FSDP2 ---------------------------------------------------------------------------
 
 def load_model(path, d: Dist, trainable: bool, activation_checkpointing: bool = False) -> Transformer:
-    """Load an HF dir; shard it with FSDP2 when there are several ranks. The trained model keeps fp32
-    master weights; the frozen reference is stored in the compute dtype (bf16 under FSDP on GPU)."""
+    """Load an HF dir; shard it with FSDP2 (`fully_shard` per block, then the root) when there are several
+    ranks. The trained model keeps fp32 master weights; the frozen reference is stored in the compute
+    dtype (bf16 under FSDP on GPU)."""
     compute_dtype = torch.bfloat16 if d.device.type == "cuda" and d.world > 1 else torch.float32
     model = Transformer.from_pretrained(path, device=d.device, dtype=torch.float32 if trainable else compute_dtype)
     model.requires_grad_(trainable)
@@ -356,25 +176,6 @@ def unsharded(model):
         for m in mods:  # back to FSDP's defaults: the root keeps its parameters after forward, blocks reshard
             m.set_reshard_after_forward(m is not model, recurse=False)
             m.reshard()
-
-
-# ---- data --------------------------------------------------------------------------------------------
-
-def batch_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:
-    """Problem indices of step `step`: consecutive slices of a seeded permutation per epoch."""
-    out, pos = [], step * per_step
-    while len(out) < per_step:
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        take = perm[i:i + per_step - len(out)].tolist()
-        out += take
-        pos += len(take)
-    return out
-
-
-def rollout_seed(seed: int, step: int, who: int) -> int:
-    """A seed from (seed, step, who): who is a prompt's place in the step's batch, or an epoch/rank id."""
-    return (seed * 1_000_003 + step) * 1_000_003 + who
 
 
 # ---- one step ----------------------------------------------------------------------------------------
@@ -414,7 +215,7 @@ def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, s
     kl_sum = ent_sum = loss_sum = 0.0
     n_tok_total, grad_norms, skipped = 0, [], 0
     for epoch in range(cfg.ppo_epochs):
-        g = torch.Generator().manual_seed(rollout_seed(cfg.seed, step, 1_000 * epoch + d.rank))
+        g = torch.Generator().manual_seed(seed_for(cfg.seed, step, 1_000 * epoch + d.rank))
         order = [keep[i] for i in torch.randperm(len(keep), generator=g).tolist()]
         for mb in range(cfg.minibatches):
             mine = order[mb::cfg.minibatches]
@@ -428,13 +229,12 @@ def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, s
                 inputs, targets, mask, old, adv = micro_batch(rows, idx, d.device)
                 s = int(mask.float().argmax(1).min())  # log-probs from the first completion position on
                 targets, mask, old = targets[:, s:], mask[:, s:], old[:, s:]
+                lp_kw = dict(targets=targets, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
                 ref_logp = None
                 if ref is not None:
                     with torch.no_grad():
-                        ref_logp, _ = token_logprobs(ref(inputs)[:, s:], targets, cfg.temperature,
-                                                     cfg.logprob_chunk, False)
-                logp, entropy = token_logprobs(model(inputs)[:, s:], targets, cfg.temperature, cfg.logprob_chunk,
-                                               cfg.entropy_coef > 0)
+                        ref_logp, _ = ref(inputs, **lp_kw)
+                logp, entropy = model(inputs, **lp_kw, entropy_grad=cfg.entropy_coef > 0)
                 loss, kl, ent = grpo_loss(logp, old, ref_logp, entropy, adv, mask.float(), n_tok, cfg.clip_eps,
                                           cfg.kl_coef, cfg.entropy_coef)
                 (loss * d.world).backward()  # FSDP averages gradients over ranks; we want their sum
@@ -458,20 +258,20 @@ def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, s
             "skipped": skipped, "optimizer_steps": len(grad_norms) - skipped}
 
 
-def train_step(model, ref, opt, tokenizer, problems, prompts, eos_ids, cfg: Config, d: Dist, step: int,
+def train_step(model, ref, opt, tokenizer, problems, prompts, eos: list[int], cfg: Config, d: Dist, step: int,
                reward_fn) -> tuple[dict, list[str]]:
     """One rollout batch and its update. Returns metrics and a few decoded samples (rank 0's)."""
     G = cfg.samples_per_prompt
     idx = batch_indices(len(problems), cfg.prompts_per_step, cfg.seed, step)
     per_rank = cfg.prompts_per_step // d.world
     mine = idx[d.rank * per_rank:(d.rank + 1) * per_rank]
-    seeds = [rollout_seed(cfg.seed, step, d.rank * per_rank + j) for j in range(len(mine))]  # by place in batch
+    seeds = [seed_for(cfg.seed, step, d.rank * per_rank + j) for j in range(len(mine))]  # by place in batch
 
     # 1. rollout on the unsharded model
     t0 = time.perf_counter()
     with unsharded(model), torch.no_grad():
         ro = generate(model, [prompts[k] for k in mine], n=G, max_new_tokens=cfg.limit, temperature=cfg.temperature,
-                      eos_ids=eos_ids, seed=seeds, max_batch=cfg.rollout_batch)
+                      eos_ids=eos, seed=seeds, max_batch=cfg.rollout_batch)
     ro = Rollout(tokens=ro.tokens.cpu(), logprobs=ro.logprobs.cpu(), lengths=ro.lengths.cpu(),
                  finished=ro.finished.cpu(), prompt_index=ro.prompt_index.cpu())
     rollout_s = time.perf_counter() - t0
@@ -515,37 +315,7 @@ def train_step(model, ref, opt, tokenizer, problems, prompts, eos_ids, cfg: Conf
     return metrics, samples
 
 
-# ---- checkpoints -------------------------------------------------------------------------------------
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    done = sorted(p for p in out_dir.glob("step_*") if (p / "trainer_state.pt").is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(model, opt, cfg: Config, d: Dist, step: int, out_dir: Path, n_problems: int):
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    sd = get_model_state_dict(model, options=full)  # collectives: every rank takes part
-    osd = get_optimizer_state_dict(model, opt, options=full)
-    if d.rank == 0:
-        tmp, final = out_dir / f".tmp_step_{step:06d}", out_dir / f"step_{step:06d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=sd)
-        torch.save(osd, tmp / "optimizer.pt")  # apart from trainer_state.pt: only rank 0 reads it back
-        state = {"step": step, "config": asdict(cfg), "world_size": d.world,
-                 "data_position": divmod(step * cfg.prompts_per_step, n_problems),  # (epoch, index)
-                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-        torch.save(state, tmp / "trainer_state.pt")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(out_dir.glob("step_*"))[:-cfg.keep_last] if cfg.keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    if d.world > 1:
-        dist.barrier()
-
-
+# ---- the run -------------------------------------------------------------------------------------------
 
 def _log_metrics_open(out_dir: Path, resume_step: int):
     """Open metrics.jsonl for appending, first dropping lines past the resumed step (and a line torn by
@@ -569,19 +339,17 @@ def main(cfg: Config, reward_fn=None) -> str:
     """Train with `cfg`; returns out_dir. reward_fn(text, gold, finished) defaults to reward.score."""
     from transformers import AutoTokenizer
     reward_fn = reward_fn or reward.score
-    d = setup_distributed(cfg)
+    cfg.check()
+    d = distributed.init(cfg.device)
     if cfg.prompts_per_step % d.world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of world size {d.world}")
-    if not cfg.temperature > 0:
-        raise ValueError(f"temperature={cfg.temperature}: training samples, it needs temperature > 0")
     out_dir = Path(cfg.out_dir)
     if d.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for tmp in out_dir.glob(".tmp_step_*"):  # left by a kill during a save
-            shutil.rmtree(tmp, ignore_errors=True)
+        ckpt.clean(out_dir)
         print(json.dumps(asdict(cfg), indent=1), flush=True)
     if d.world > 1:
-        dist.barrier()
+        torch.distributed.barrier()
 
     # data: load, build prompts, drop the ones over max_prompt_tokens
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
@@ -594,27 +362,18 @@ def main(cfg: Config, reward_fn=None) -> str:
     problems, prompts = [problems[i] for i in fits], [prompts[i] for i in fits]
     if not problems:
         raise ValueError(f"{cfg.train_data}: no prompt fits in max_prompt_tokens={cfg.max_prompt_tokens}")
-    eos_ids = {tokenizer.eos_token_id} - {None}
-    cfg_eos = json.loads((Path(cfg.model) / "config.json").read_text()).get("eos_token_id")
-    eos_ids |= set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos] if cfg_eos is not None else [])
-    eos_ids = sorted(eos_ids)
 
     # model, reference, optimizer; resume from the newest complete checkpoint of out_dir
-    resume = latest_checkpoint(out_dir)
+    resume = ckpt.latest(out_dir)
     model = load_model(resume or cfg.model, d, trainable=True, activation_checkpointing=cfg.activation_checkpointing)
     model.source_dir = cfg.model  # tokenizer files come from here: keep_last may delete the resumed checkpoint
+    eos = eos_ids(tokenizer, model.args.eos_token_id)
     ref = load_model(cfg.model, d, trainable=False).eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
     start = 0
     if resume is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        state = torch.load(resume / "trainer_state.pt", map_location="cpu", weights_only=False)
-        # the full optimizer state (2x the fp32 weights: 61 GB at 7B) is read by rank 0 alone and
-        # broadcast into the shards, not held in host memory once per rank
-        osd = torch.load(resume / "optimizer.pt", map_location="cpu", weights_only=True) if d.rank == 0 else {}
-        set_optimizer_state_dict(model, opt, osd, options=StateDictOptions(full_state_dict=d.world > 1,
-                                                                             broadcast_from_rank0=d.world > 1))
+        state = ckpt.load(model, opt, resume, d)
         start = state["step"]
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -649,8 +408,7 @@ def main(cfg: Config, reward_fn=None) -> str:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        metrics, samples = train_step(model, ref, opt, tokenizer, problems, prompts, eos_ids, cfg, d, step,
-                                      reward_fn)
+        metrics, samples = train_step(model, ref, opt, tokenizer, problems, prompts, eos, cfg, d, step, reward_fn)
         if d.rank == 0:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
@@ -667,7 +425,11 @@ def main(cfg: Config, reward_fn=None) -> str:
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", len=f"{metrics['mean_len']:.0f}")
             bar.update(1)
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
-            save_checkpoint(model, opt, cfg, d, step + 1, out_dir, len(problems))
+            state = {"step": step + 1, "config": asdict(cfg), "world_size": d.world,
+                     "data_position": divmod((step + 1) * cfg.prompts_per_step, len(problems)),  # (epoch, index)
+                     "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+            ckpt.save(model, opt, state, d, out_dir / f"step_{step + 1:06d}", cfg.keep_last)
 
     if d.rank == 0:
         bar.close()
@@ -676,13 +438,10 @@ def main(cfg: Config, reward_fn=None) -> str:
             tb.close()
         if wb is not None:
             wb.finish()
-    if d.world > 1:
-        destroy_process_group()
     return str(out_dir)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and not sys.argv[1].startswith("--"):
-        main(load_config(sys.argv[1], sys.argv[2:]))
-    else:
-        main(load_config(None, sys.argv[1:]))
+    path = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else None
+    main(load_config(path, sys.argv[2:] if path else sys.argv[1:], Config))
+    distributed.cleanup()

@@ -10,7 +10,7 @@ transformers in fp32), the same left/right-padded prompts, 8 samples per prompt,
 temperature 1 with no top-k/top-p, and no EOS, so every row runs the full max_new_tokens. transformers
 prefills each prompt n times (num_return_sequences expands the input first); we prefill it once, which
 is part of what is measured, and so is the way our linear layers multiply on the CPU: from a copy of the
-weights packed for oneDNN (model.Transformer.packed_weights), where transformers' F.linear calls MKL.
+weights packed for oneDNN (model.packed_weights), where transformers' F.linear calls MKL.
 Tokens/s counts generated tokens only, wall clock, after one warm-up call per side (best of --repeats
 alternating runs). Prints one JSON line per model.
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import model as model_module
-from model import KVCache, Linear, ModelArgs, Transformer
+from model import KVCache, Linear, ModelArgs, Transformer, packed_weights
 
 # (tied head, q heads, kv heads, hidden, intermediate, layers, vocab, rope theta): odd sizes on purpose
 SHAPES = [
@@ -172,16 +172,16 @@ def test_packed_weights_give_the_same_logits_and_go_on_exit(tmp_path):
     x = tokens(64, 3, 11)
     with torch.no_grad():
         ref = model(x)
-    with model.packed_weights(rows=3):
+    with packed_weights(model, rows=3):
         assert all(m.packed is not None for m in linears)
         with torch.inference_mode():
             torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
         model(x).logsumexp(-1).mean().backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in linears)
-    with pytest.raises(RuntimeError, match="inside"), model.packed_weights(rows=3):
+    with pytest.raises(RuntimeError, match="inside"), packed_weights(model, rows=3):
         raise RuntimeError("an error inside")
     assert all(m.packed is None for m in linears)
-    with model.to(torch.bfloat16).packed_weights(rows=3):
+    with packed_weights(model.to(torch.bfloat16), rows=3):
         assert all(m.packed is None for m in linears)
 
 

@@ -15,6 +15,8 @@ import pytest
 
 import schedule
 import train
+from config import load_config
+from report import write_json
 from test_eval import save_random_model
 
 REPO = Path(schedule.__file__).resolve().parent
@@ -65,10 +67,10 @@ def test_select_refuses_an_empty_stage():
 # ---- config ----------------------------------------------------------------------------------------
 
 def test_config_files_load_and_bad_keys_are_named(tmp_path):
-    cfg = schedule.load_schedule_config(str(REPO / "configs/thinkprune.py"), [])
+    cfg = load_config(str(REPO / "configs/thinkprune.py"), [], schedule.ScheduleConfig)
     assert [s["limit"] for s in cfg.stages] == [4000, 3000, 2000] and cfg.tolerance == 0.10
     assert cfg.val_data == "aime_val" and (cfg.temperature, cfg.top_p, cfg.val_max_new_tokens) == (0.6, 0.95, 32000)
-    cfg = schedule.load_schedule_config(str(REPO / "configs/tiny_schedule.py"), ["--out_dir=x", "--budgets=[3]"])
+    cfg = load_config(str(REPO / "configs/tiny_schedule.py"), ["--out_dir=x", "--budgets=[3]"], schedule.ScheduleConfig)
     assert cfg.out_dir == "x" and cfg.budgets == [3]
     bad = tmp_path / "bad.py"
     for text, key in [("stagez = []", "stagez"), ("stages = [dict(limit=1, steps=1, lrr=2)]", "lrr"),
@@ -78,9 +80,9 @@ def test_config_files_load_and_bad_keys_are_named(tmp_path):
                       ("train = dict(lr=True)", "lr = True should be of type float")]:
         bad.write_text(text)
         with pytest.raises(ValueError, match=key):
-            schedule.load_schedule_config(str(bad), [])
+            load_config(str(bad), [], schedule.ScheduleConfig)
     with pytest.raises(ValueError, match="nope"):
-        schedule.load_schedule_config(None, ["--nope=1"])
+        load_config(None, ["--nope=1"], schedule.ScheduleConfig)
 
 
 # ---- end to end ------------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def tiny_setup(root: Path) -> list[str]:
     problems = root / "problems.jsonl"
     problems.write_text("".join(json.dumps({"id": f"p{i}", "problem": f"{i}+{i}", "answer": str(2 * i)}) + "\n"
                                 for i in range(12)))
-    tcfg = schedule.load_schedule_config(str(REPO / "configs/tiny_schedule.py"), []).train
+    tcfg = load_config(str(REPO / "configs/tiny_schedule.py"), [], schedule.ScheduleConfig).train
     return [f"--model={base}", f"--out_dir={root / 'run'}", f"--val_data={problems}",
             "--train=" + json.dumps({**tcfg, "train_data": str(problems)})]
 
@@ -104,7 +106,7 @@ def stop_reward(text, gold, finished):
 
 @pytest.mark.slow
 def test_two_stage_schedule_end_to_end(tmp_path):
-    cfg = schedule.load_schedule_config(str(REPO / "configs/tiny_schedule.py"), tiny_setup(tmp_path))
+    cfg = load_config(str(REPO / "configs/tiny_schedule.py"), tiny_setup(tmp_path), schedule.ScheduleConfig)
     state = schedule.run_schedule(cfg, train_fn=partial(train.main, reward_fn=stop_reward))
     out = Path(cfg.out_dir)
     assert json.loads((out / "schedule.json").read_text()) == json.loads(json.dumps(state))
@@ -140,7 +142,7 @@ def test_two_stage_schedule_end_to_end(tmp_path):
     st["stages"][1]["selected"] = None
     for name, acc, length in (("step_000002", 0.46, 10.0), ("step_000004", 0.40, 5.0)):
         st["stages"][1]["evals"][name].update(accuracy=acc, mean_length=length)
-    schedule.ev.write_json(out / "schedule.json", st)
+    write_json(out / "schedule.json", st)
     again = schedule.run_schedule(cfg, train_fn=None)  # nothing to train or validate: selection only
     assert again["stages"][1]["selected"]["step"] == 2 and "0.5000" in again["stages"][1]["reason"]
 

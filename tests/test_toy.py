@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import toy
-from data import build_prompt, load_problems
+from data import SYSTEM_PROMPT, build_prompt, load_problems
 from model import Transformer
 from reward import extract_answer, is_equiv
 
@@ -79,13 +79,13 @@ def tokenizer_dir(tmp_path_factory):
     rows = toy.make_problems(300, seed=0)
     corpus = [toy.write_trace(r["problem"], rng) for r in rows] + [r["problem"] for r in rows]
     d = tmp_path_factory.mktemp("tok")
-    toy.save_tokenizer(toy.build_tokenizer(corpus + [toy.SYSTEM_PROMPT] * 10, 400), d)
+    toy.save_tokenizer(toy.build_tokenizer(corpus + [SYSTEM_PROMPT] * 10, 400), d)
     return d
 
 
 def test_tokenizer_round_trips_and_keeps_digits_and_think_tags(tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    texts = [string.printable, toy.SYSTEM_PROMPT.replace("{L}", "120"), "Ünïcode → ∑ also round-trips",
+    texts = [string.printable, SYSTEM_PROMPT.replace("{L}", "120"), "Ünïcode → ∑ also round-trips",
              toy.write_trace(toy.make_problems(1, seed=5)[0]["problem"], random.Random(1))]
     for text in texts:
         assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
@@ -102,10 +102,10 @@ def test_chat_template_gives_r1_style_prompts(tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     problem = toy.make_problems(1, seed=0)[0]["problem"]
     instruction = " Let's think step by step and output the final answer within \\boxed{}."
-    plain = tok.decode(build_prompt(tok, problem, None, toy.SYSTEM_PROMPT))
+    plain = tok.decode(build_prompt(tok, problem, None, SYSTEM_PROMPT))
     assert plain == f"{toy.BOS}<|user|>{problem}{instruction}<|assistant|><think>\n"
-    limited = tok.decode(build_prompt(tok, problem, 120, toy.SYSTEM_PROMPT))
-    system = toy.SYSTEM_PROMPT.replace("{L}", "120")
+    limited = tok.decode(build_prompt(tok, problem, 120, SYSTEM_PROMPT))
+    system = SYSTEM_PROMPT.replace("{L}", "120")
     assert limited == f"{toy.BOS}<|system|>{system}<|user|>{problem}{instruction}<|assistant|><think>\n"
     assert system.endswith("The output of the assistant should be within 120 tokens.")
     chat = [{"role": "user", "content": "1+1"}, {"role": "assistant", "content": "2"}]
@@ -127,7 +127,7 @@ def test_tiny_sft_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
     ours = Transformer.from_pretrained(base, device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(base)
-    ids = torch.tensor([build_prompt(tok, splits["test"][0]["problem"], None, toy.SYSTEM_PROMPT)])
+    ids = torch.tensor([build_prompt(tok, splits["test"][0]["problem"], None, SYSTEM_PROMPT)])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
         out = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)

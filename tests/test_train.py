@@ -19,8 +19,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import checkpoint
 import reward
 import train
+from config import load_config
+from data import batch_indices
+from model import ModelArgs, Transformer, logprobs
 from tiny_run import finish_reward, make_tiny
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +39,7 @@ def tiny(tmp_path_factory):
 
 def tiny_cfg(tiny, out_dir, *overrides):
     model, data = tiny
-    return train.load_config(TINY, [f"--model={model}", f"--train_data={data}", f"--out_dir={out_dir}", *overrides])
+    return load_config(TINY, [f"--model={model}", f"--train_data={data}", f"--out_dir={out_dir}", *overrides], train.Config)
 
 
 # ---- the loss ----------------------------------------------------------------------------------------
@@ -86,8 +90,8 @@ def test_kl_gradient_pulls_toward_reference():
         opt = torch.optim.SGD([logits], lr=0.5)
         dist_before = None
         for _ in range(5):
-            logp, ent = train.token_logprobs(logits, target, 1.0, 16, False)
-            ref_logp, _ = train.token_logprobs(ref_logits, target, 1.0, 16, False)
+            logp, ent = logprobs(logits, target)
+            ref_logp, _ = logprobs(ref_logits, target)
             loss, _, _ = train.grpo_loss(logp, logp.detach(), ref_logp, ent, torch.zeros(1), torch.ones(1, 1),
                                          1, 0.2, kl_coef=1.0, entropy_coef=0.0)
             gap_now = (ref_logp - logp).item()
@@ -98,20 +102,26 @@ def test_kl_gradient_pulls_toward_reference():
             opt.step()
 
 
-def test_chunked_logprobs_match_plain_log_softmax():
-    """Chunked, checkpointed fp32 log-probs at temperature T equal log_softmax(logits / T) gathered,
-    in value and in gradient; entropies equal the entropies of softmax(logits / T)."""
-    torch.manual_seed(0)
-    logits = torch.randn(2, 5, 7, requires_grad=True)
-    targets = torch.randint(0, 7, (2, 5))
-    logp, ent = train.token_logprobs(logits, targets, temperature=0.7, chunk=3, entropy_grad=True)
-    ref_lp = F.log_softmax(logits / 0.7, -1)
+@pytest.mark.parametrize("tied", [False, True])
+def test_chunked_logprobs_match_plain_log_softmax(tied):
+    """The model's chunked, checkpointed fp32 log-probs at temperature T (targets of the last k positions)
+    equal log_softmax(logits / T) gathered from the plain forward, in value and in every parameter's
+    gradient; entropies equal the entropies of softmax(logits / T), gradient included."""
+    args = ModelArgs(vocab_size=11, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, tie_word_embeddings=tied)
+    model = Transformer(args).init_weights(std=0.5, seed=0)
+    g = torch.Generator().manual_seed(0)
+    inputs, targets = torch.randint(0, 11, (2, 7), generator=g), torch.randint(0, 11, (2, 5), generator=g)
+    w = torch.arange(10.).view(2, 5)  # a weight per position, so a misplaced chunk changes the gradient
+    logp, ent = model(inputs, targets=targets, temperature=0.7, chunk=3, entropy_grad=True)
+    g1 = torch.autograd.grad((logp * w).sum() + ent.sum(), list(model.parameters()))
+    ref_lp = F.log_softmax(model(inputs)[:, 2:] / 0.7, -1)  # (2, 5, V): the last 5 positions
     ref = ref_lp.gather(-1, targets[..., None])[..., 0]
-    assert torch.allclose(logp, ref, atol=1e-6)
-    assert torch.allclose(ent, -(ref_lp.exp() * ref_lp).sum(-1), atol=1e-5)
-    g1, = torch.autograd.grad((logp * torch.arange(10.).view(2, 5)).sum(), logits)
-    g2, = torch.autograd.grad((ref * torch.arange(10.).view(2, 5)).sum(), logits)
-    assert torch.allclose(g1, g2, atol=1e-6)
+    ref_ent = -(ref_lp.exp() * ref_lp).sum(-1)
+    assert torch.allclose(logp, ref, atol=1e-6) and torch.allclose(ent, ref_ent, atol=1e-5)
+    g2 = torch.autograd.grad((ref * w).sum() + ref_ent.sum(), list(model.parameters()))
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)  # fp32 rounding; a misplaced chunk is off by O(1)
 
 
 # ---- config and data order ---------------------------------------------------------------------------
@@ -119,14 +129,14 @@ def test_chunked_logprobs_match_plain_log_softmax():
 def test_config_file_then_overrides(tmp_path):
     f = tmp_path / "c.py"
     f.write_text("import math\nlimit = 3000  # comment\nlr = 1\nwandb = True\n")
-    cfg = train.load_config(str(f), ["--lr=2e-6", "--tensorboard=1", "--wandb=false", "--system_prompt=a=b {L}"])
+    cfg = load_config(str(f), ["--lr=2e-6", "--tensorboard=1", "--wandb=false", "--system_prompt=a=b {L}"], train.Config)
     assert (cfg.limit, cfg.lr, cfg.tensorboard, cfg.wandb) == (3000, 2e-6, True, False)
     assert isinstance(cfg.lr, float) and cfg.system_prompt == "a=b {L}"  # split on the first '='
 
 
 def test_stage_configs_build_on_stage1_from_any_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # configs/stage2.py and stage3.py exec stage1.py beside them, not from the cwd
-    s1, s2, s3 = (train.load_config(str(ROOT / "configs" / f"stage{i}.py"), []) for i in (1, 2, 3))
+    s1, s2, s3 = (load_config(str(ROOT / "configs" / f"stage{i}.py"), [], train.Config) for i in (1, 2, 3))
     assert (s1.limit, s2.limit, s3.limit) == (4000, 3000, 2000)
     assert s2.model == f"{s1.out_dir}/step_{s1.steps:06d}" and s2.lr == s1.lr and s3.out_dir == "runs/stage3"
 
@@ -144,18 +154,18 @@ def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     f = tmp_path / "c.py"
     f.write_text(text)
     with pytest.raises(ValueError) as e:
-        train.load_config(str(f), overrides)
+        load_config(str(f), overrides, train.Config)
     assert message in str(e.value)
     if text:
         assert str(f) in str(e.value)
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():
-    steps = [train.batch_indices(10, 4, seed=3, step=s) for s in range(5)]  # 20 = two epochs
+    steps = [batch_indices(10, 4, seed=3, step=s) for s in range(5)]  # 20 = two epochs
     flat = sum(steps, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
     assert flat[:10] != flat[10:]  # a new permutation per epoch
-    assert train.batch_indices(10, 4, seed=3, step=3) == steps[3]  # a pure function of (seed, step)
+    assert batch_indices(10, 4, seed=3, step=3) == steps[3]  # a pure function of (seed, step)
 
 
 # ---- runs --------------------------------------------------------------------------------------------
@@ -271,7 +281,7 @@ def test_resume_after_sigkill_continues_where_it_stopped(tiny, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
-    saved = train.latest_checkpoint(killed)
+    saved = checkpoint.latest(killed)
     step_saved = int(saved.name.split("_")[1])
     assert step_saved < 8, "killed too late to test a resume"
     lines_before = len(metrics.read_text().splitlines())

@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 
+import distributed  # noqa: E402
 import train  # noqa: E402
+from config import load_config  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 
 SPECIAL = ["<pad>", "<eos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
@@ -86,14 +88,12 @@ def unshard_check(root):
     """Under torchrun: rank r decodes 3 + 6r tokens through the FSDP model inside train.unsharded, then
     all ranks take a training step. Without `unsharded` the rank that stops first would leave the
     other waiting forever in an all-gather; here every rank must print its line."""
-    cfg = train.Config(device="cpu")
-    d = train.setup_distributed(cfg)
+    d = distributed.init("cpu")
     model = train.load_model(Path(root) / "base", d, trainable=True)
     with train.unsharded(model), torch.no_grad():
         ro = train.generate(model, [[4, 10, 11, 5]], n=2, max_new_tokens=3 + 6 * d.rank, eos_ids=(), seed=d.rank)
     model(torch.tensor([[4, 10, 11, 5]])).sum().backward()
     print(f"rank {d.rank} decoded {int(ro.lengths.max())} tokens", flush=True)
-    train.destroy_process_group()
 
 
 if __name__ == "__main__":
@@ -102,7 +102,8 @@ if __name__ == "__main__":
     elif sys.argv[1] == "--unshard-check":
         unshard_check(sys.argv[2])
     else:
-        cfg = train.load_config(sys.argv[1], sys.argv[2:])
+        cfg = load_config(sys.argv[1], sys.argv[2:], train.Config)
         Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
         train.generate = _recording_generate(cfg.out_dir)
         train.main(cfg, reward_fn=finish_reward)
+    distributed.cleanup()
