@@ -4,7 +4,7 @@ Problem files in; prompt token ids, stop tokens, problem order and seeds out.
     rows = load_problems("../shared/data/train.jsonl")         # [{"id", "problem", "answer", ...}, ...]
     ids = build_prompt(tokenizer, rows[0]["problem"], limit=4000, system_prompt=SYSTEM_PROMPT)
     eos = eos_ids(tokenizer, model.args.eos_token_id)           # every id that ends a completion
-    idx = batch_indices(len(rows), 128, seed, step)             # the problems of a training step
+    idx = batch_indices(len(rows), 128, seed, start=step * 128)  # the problems of a training step
 
 Choices:
 - A problem file is JSONL, one object per line with non-empty string `problem` and `answer` (an answer
@@ -12,7 +12,8 @@ Choices:
   without an `id` get "<file stem>-<line>"; ids become strings and must be unique (evaluation averages
   per problem by id, so two problems under one id would be merged). Parquet (same columns) is read when
   pyarrow is installed. A bad row stops the run with `file:line: key ...`: a silently skipped row would
-  change the data order.
+  change the data order. A row may carry an integer `limit`, its own token limit in training (the
+  prompt's stated limit and the cutoff; DLER's difficulty-aware truncation).
 - The prompt is the model's own chat template (`add_generation_prompt=True`), so R1-Distill gets its
   `<｜User｜>...<｜Assistant｜><think>\\n` wrapper. The user turn is the problem plus the instruction
   ThinkPrune's official code uses for DeepSeek models. With a limit, a system turn carries
@@ -57,6 +58,9 @@ def _check_row(row, where: str) -> dict:
         if not isinstance(v, str) or not v.strip():
             raise ValueError(f"{where}: key {key!r} must be a non-empty string, got {v!r}")
         row[key] = v
+    if "limit" in row and (not isinstance(row["limit"], int) or isinstance(row["limit"], bool) or row["limit"] < 1):
+        raise ValueError(f"{where}: key 'limit' (this problem's token limit) must be an integer >= 1, "
+                         f"got {row['limit']!r}")
     return row
 
 
@@ -123,13 +127,14 @@ def seed_for(*parts: int) -> int:
     return s
 
 
-def batch_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:
-    """Problem indices of step `step`: consecutive slices of a seeded permutation per epoch."""
-    out, pos = [], step * per_step
-    while len(out) < per_step:
+def batch_indices(n: int, count: int, seed: int, start: int) -> list[int]:
+    """`count` problem indices from position `start` of the run's order: a seeded permutation of the n
+    problems per epoch, epochs one after another (training takes consecutive slices)."""
+    out, pos = [], start
+    while len(out) < count:
         epoch, i = divmod(pos, n)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed_for(seed, epoch)))
-        take = perm[i:i + per_step - len(out)].tolist()
+        take = perm[i:i + count - len(out)].tolist()
         out += take
         pos += len(take)
     return out

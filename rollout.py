@@ -137,15 +137,18 @@ def _prefill(model: Transformer, prompts: list[list[int]], device, dtype):
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_tokens: int | list[int], temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids=None, seed: int | list[int] = 0, max_batch: int = 256,
              compile: bool = False, pad_id: int = 0, progress: bool = False) -> Rollout:
-    """Sample n completions of at most max_new_tokens for each prompt (lists of token ids).
+    """Sample n completions of at most max_new_tokens for each prompt (lists of token ids); max_new_tokens
+    may be a list with one limit per prompt (difficulty-aware truncation).
     eos_ids: stop tokens, an int or a list; None means the model's `args.eos_token_id`, () never stops.
     seed: an int for the whole call, or a list of one int per prompt (see Randomness above).
     max_batch: number of cache slots (rows decoded together). compile: torch.compile the decode step."""
-    if n < 1 or max_new_tokens < 1 or not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs n >= 1, max_new_tokens >= 1 and non-empty prompts")
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if n < 1 or len(limits) != len(prompts) or min(limits, default=0) < 1 or any(len(p) == 0 for p in prompts):
+        raise ValueError(f"generate needs n >= 1, non-empty prompts and max_new_tokens >= 1 (an int or one per "
+                         f"prompt); got n={n}, {len(prompts)} prompts, max_new_tokens={max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
     if not isinstance(seed, int) and len(seed) != len(prompts):
@@ -157,9 +160,9 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
     was_training = model.training
     model.eval()
     step = torch.compile(_decode) if compile else _decode
-    N, L = len(prompts) * n, max_new_tokens
+    N, L = len(prompts) * n, max(limits)
     B = min(max_batch, N)
-    S = max(len(p) for p in prompts) + L
+    S = max(len(p) + lim for p, lim in zip(prompts, limits))
 
     # 1. Static cache, outputs (with a spare row N that idle slots write into), the uniforms table.
     cache = KVCache(model.args, B, S, device, dtype)
@@ -169,10 +172,11 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
     finished = torch.zeros(N + 1, dtype=torch.bool, device=device)
     if isinstance(seed, int):
         u = torch.rand(N + 1, L, generator=torch.Generator().manual_seed(seed))
-    else:  # prompt p's rows from its own generator; row N (idle slots) draws nothing it needs
-        u = torch.cat([torch.rand(n, L, generator=torch.Generator().manual_seed(s)) for s in seed]
-                      + [torch.zeros(1, L)])
+    else:  # prompt p's rows from its own generator, at its own limit; row N (idle slots) draws nothing it needs
+        u = torch.cat([F.pad(torch.rand(n, lim, generator=torch.Generator().manual_seed(s)), (0, L - lim))
+                       for s, lim in zip(seed, limits)] + [torch.zeros(1, L)])
     u = u.to(device)
+    row_limit = torch.tensor([lim for lim in limits for _ in range(n)] + [L], device=device)  # (N + 1,)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     row = torch.full((B,), N, dtype=torch.long, device=device)  # the row each slot serves; N = idle
     count = torch.zeros(B, dtype=torch.long, device=device)  # tokens the slot's row has so far
@@ -190,7 +194,7 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
         out_tok[r, c], out_lp[r, c] = new_tok, new_lp
         c = c + 1
         hit = torch.isin(new_tok, eos)
-        stop = (hit | (c == L)) & (r < N)
+        stop = (hit | (c == row_limit[r])) & (r < N)
         lengths[r], finished[r] = c, hit
         r = torch.where(stop, N, r)
         row[slots], tok[slots] = r, new_tok

@@ -42,11 +42,11 @@ from torch.utils.checkpoint import checkpoint
 import checkpoint as ckpt
 import distributed
 import reward
-from config import check, load_config
+from config import check, choice, load_config
 from data import DATA_DIR, SYSTEM_PROMPT, batch_indices, build_prompt, eos_ids, load_problems, seed_for
 from distributed import Dist
 from model import Transformer
-from rollout import Rollout, generate
+from rollout import generate
 
 
 @dataclass
@@ -66,13 +66,25 @@ class Config:
     # at the same temperature, so the importance ratio starts at 1 (a truncated distribution would not)
     temperature: float = 1.0
     rollout_batch: int = 256  # KV-cache slots per generate call
+    # length control (DESIGN.md, "where each choice lives"); the defaults are ThinkPrune's
+    truncation: str = "zero"  # a completion with no EOS within its limit: "zero" reward 0 (ThinkPrune's paper);
+    # "keep" graded as the cut text stands (the official ThinkPrune code, veRL); "mask" left out of the loss and
+    # of its group's statistics (DAPO's overlong filtering, TRL mask_truncated_completions); "soft" graded as it
+    # stands plus DAPO's overlong term: 0 up to limit - soft_buffer, linear to -1 at the limit, -1 when cut off
+    soft_buffer: int = 0  # "soft" only, in tokens (DAPO: 4096 of 20480)
+    length_penalty: str = "none"  # group-relative length shaping: "kimi" (Kimi 1.5), "arora" (Arora & Zanette 2025)
+    length_coef: float = 0.0  # its weight: Kimi's lambda term x coef; Arora & Zanette's alpha
     # GRPO
     clip_eps: float = 0.2
+    clip_eps_high: float | None = None  # the ratio's upper bound 1 + clip_eps_high (DAPO clip-higher, DLER 0.28); None = clip_eps
     kl_coef: float = 0.001  # k3 KL to the starting model; 0 -> no reference model is loaded
     entropy_coef: float = 0.001
-    std_normalize: bool = True
+    adv_norm: str = "group"  # r - group mean, divided by the group std (GRPO), the step's std (DLER: "batch"), or not ("none", Dr. GRPO)
     adv_eps: float = 1e-6
+    loss_agg: str = "token-mean"  # "token-mean" (DAPO, DLER), "seq-mean-token-mean" (GRPO), "seq-mean-token-sum-norm" (Dr. GRPO)
     skip_zero_var_groups: bool = True
+    dynamic_sampling: bool = False  # draw more prompts until prompts_per_step groups have unequal rewards (DAPO, DLER)
+    max_sample_rounds: int = 3  # at most this many rollout rounds per step with dynamic_sampling
     minibatches: int = 1  # optimizer steps per epoch over one rollout batch
     ppo_epochs: int = 1
     # optimisation
@@ -98,46 +110,114 @@ class Config:
     device: str = ""  # "" = cuda when available, else cpu
 
     def check(self):
-        check(self.temperature > 0, "temperature", self.temperature, "training samples: give temperature > 0")
+        """Every value in range before anything loads; the key is named (config.check)."""
+        choice("truncation", self.truncation, ("zero", "keep", "mask", "soft"))
+        choice("length_penalty", self.length_penalty, ("none", "kimi", "arora"))
+        choice("adv_norm", self.adv_norm, ("group", "batch", "none"))
+        choice("loss_agg", self.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+        for key in ("limit", "prompts_per_step", "rollout_batch", "minibatches", "ppo_epochs", "steps",
+                    "micro_batch_size", "logprob_chunk", "max_prompt_tokens", "max_sample_rounds"):
+            check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        check(self.samples_per_prompt >= 2, "samples_per_prompt", self.samples_per_prompt,
+              "GRPO compares samples of one prompt: give G >= 2")
+        for key in ("warmup_steps", "save_every", "keep_last", "sample_every", "num_samples", "seed"):
+            check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
+        for key in ("temperature", "lr", "adv_eps"):
+            check(0 < getattr(self, key) < math.inf, key, getattr(self, key), "a finite number > 0")
+        for key in ("clip_eps", "kl_coef", "entropy_coef", "weight_decay", "grad_clip", "length_coef"):
+            check(0 <= getattr(self, key) < math.inf, key, getattr(self, key), "a finite number >= 0")
+        check(self.clip_eps_high is None or 0 <= self.clip_eps_high < math.inf, "clip_eps_high", self.clip_eps_high,
+              "a finite number >= 0, or None for clip_eps")
+        check(self.clip_eps < 1, "clip_eps", self.clip_eps, "must be < 1 (the lower bound 1 - clip_eps > 0)")
+        for key in ("beta1", "beta2"):
+            check(0 <= getattr(self, key) < 1, key, getattr(self, key), "must be in [0, 1)")
+        check(self.truncation != "soft" or 0 < self.soft_buffer < self.limit, "soft_buffer", self.soft_buffer,
+              f"truncation='soft' needs 0 < soft_buffer < limit ({self.limit})")
+        check(self.length_penalty == "none" or self.length_coef > 0, "length_coef", self.length_coef,
+              f"length_penalty={self.length_penalty!r} needs length_coef > 0")
+        check("{L}" in self.system_prompt, "system_prompt", self.system_prompt[:60] + "...",
+              "must contain {L}, where the limit is stated")
 
 
-# ---- the loss ----------------------------------------------------------------------------------------
+# ---- rewards, advantages, the loss -------------------------------------------------------------------
 
-def group_advantages(rewards: torch.Tensor, std_normalize: bool, eps: float):
-    """rewards (P, G) -> advantages (P, G), and which groups have zero variance (P,) bool.
-    (r - group mean) / (group std + eps), the unbiased std as veRL; std_normalize=False gives plain
-    r - mean, as Dr. GRPO argues."""
-    mean = rewards.mean(1, keepdim=True)
-    std = rewards.std(1, keepdim=True) if rewards.size(1) > 1 else torch.zeros_like(mean)
-    adv = rewards - mean
-    if std_normalize:
-        adv = adv / (std + eps)
-    return adv, (rewards == rewards[:, :1]).all(1)
+def shape_rewards(reward, correct, finished, lengths, limits, cfg: Config):
+    """The rewards the policy sees, and which rows count (valid), all (P, G). reward: reward_fn's verdict
+    with the cutoff (0 for a cut completion); correct: its verdict on the text as it stands. Step 2 and 3
+    of DESIGN.md: the truncation policy, then an optional group-relative length term."""
+    cut, L = ~finished, limits.float()
+    valid = torch.ones_like(finished)
+    if cfg.truncation == "zero":
+        r = reward.clone()
+    elif cfg.truncation == "keep":
+        r = correct.clone()
+    elif cfg.truncation == "mask":
+        r, valid = reward.clone(), finished.clone()
+    else:  # "soft": DAPO's overlong term, 0 up to L - buffer, linear to -1 at L, -1 when cut off
+        over = ((L - cfg.soft_buffer - lengths) / cfg.soft_buffer).clamp(-1, 0)
+        r = correct + torch.where(cut, -1.0, over)
+    if cfg.length_penalty != "none":
+        n = lengths.float().masked_fill(~valid, float("nan"))
+        lo, hi = n.nanquantile(0.0, 1, keepdim=True), n.nanquantile(1.0, 1, keepdim=True)  # min, max over valid rows
+        ok = correct > 0.5
+        if cfg.length_penalty == "kimi":  # Kimi 1.5: lambda = 0.5 - (len - min) / (max - min); wrong rows min(0, lambda)
+            lam = torch.where(hi > lo, 0.5 - (n - lo) / (hi - lo), torch.zeros_like(n))
+            r = r + cfg.length_coef * torch.where(ok, lam, lam.clamp(max=0))
+        else:  # "arora", Arora & Zanette: correct rows x (1 - alpha * sigmoid(z)), z over the group's correct lengths
+            m = n.masked_fill(~ok, float("nan"))
+            mean = m.nanmean(1, keepdim=True)
+            std = ((m - mean) ** 2).nansum(1, keepdim=True).div((ok & valid).sum(1, keepdim=True).clamp(min=1)).sqrt()
+            z = ((n - mean) / (std + cfg.adv_eps)).nan_to_num(0.0)
+            r = torch.where(ok, r * (1 - cfg.length_coef * torch.sigmoid(z)), r)
+    return r.masked_fill(~valid, 0.0), valid
 
 
-def grpo_loss(logp, old_logp, ref_logp, entropy, adv, mask, n_tokens, clip_eps, kl_coef, entropy_coef):
+def advantages(rewards, valid, use, cfg: Config, d: Dist):
+    """rewards, valid (P, G), use (P,): the groups that enter the update -> advantages (P, G), and which
+    groups carry signal (P,): two or more valid rows whose rewards differ. Rows are centred on their
+    group's mean over valid rows; then "group" divides by the group's std (GRPO, unbiased as veRL),
+    "batch" by the std of the centred rewards of every used row of the step on all ranks (DLER; veRL
+    whitens token-weighted), "none" keeps r - mean (Dr. GRPO). Invalid rows get 0."""
+    v = valid.float()
+    n = v.sum(1, keepdim=True)
+    c = (rewards - (rewards * v).sum(1, keepdim=True) / n.clamp(min=1)) * v  # (P, G) centred
+    first = rewards.gather(1, valid.float().argmax(1, keepdim=True))  # (P, 1) a valid row's reward
+    signal = (n[:, 0] >= 2) & ~((rewards == first) | ~valid).all(1)  # (a NaN reward differs: the loss catches it)
+    if cfg.adv_norm == "group":
+        c = c / ((c ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt().add(cfg.adv_eps)
+    elif cfg.adv_norm == "batch":
+        u = v * use[:, None]
+        rows, sq = d.all_sum(torch.stack([u.sum(), (c ** 2 * u).sum()]).double()).tolist()
+        c = c / (math.sqrt(sq / max(rows - 1, 1)) + cfg.adv_eps)
+    return c, signal
+
+
+def grpo_loss(logp, old_logp, ref_logp, entropy, adv, weight, clip_low, clip_high, kl_coef, entropy_coef):
     """The GRPO objective, negated, for one micro-batch. Every tensor is (B, T) over target positions
-    except adv (B,); `mask` marks completion tokens (EOS included: when to stop is what is learned).
+    except adv (B,); `weight` is each token's weight in the step's loss, 0 off the completion (EOS is
+    on it: when to stop is what is learned).
 
-    - Token-level clipped surrogate (PPO): ratio = exp(logp - old_logp) against the log-probs the
-      rollout sampled with, min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), eps = 0.2.
-    - KL: the k3 estimator exp(ref - logp) - (ref - logp) - 1 (Schulman's "low-variance" KL, as in
-      GRPO/veRL), *subtracted* from the objective: the loss gets +kl_coef * KL, so its gradient pulls
-      the policy toward the reference. (ThinkPrune's official code adds it with the wrong sign.)
-    - Entropy bonus: -entropy_coef * H(token distribution) in the loss.
-    - Normalisation: summed over completion tokens and divided by n_tokens, the number of completion
-      tokens in the whole optimizer step across all ranks (token-level, as DAPO/veRL's token-mean), so
-      long completions weigh in proportion to their tokens and micro-batching does not change the loss.
-    Returns the loss and detached sums of KL and entropy over the micro-batch's tokens.
+    - Clipped surrogate (PPO), token by token: ratio = exp(logp - old_logp) against the log-probs the
+      rollout sampled with; min(ratio * A, clip(ratio, 1 - clip_low, 1 + clip_high) * A). clip_high >
+      clip_low is DAPO's clip-higher (DLER: 0.28 vs 0.2), room for unlikely tokens to grow.
+    - KL: the k3 estimator exp(ref - logp) - (ref - logp) - 1 (as GRPO/veRL), *subtracted* from the
+      objective, so its gradient pulls the policy toward the reference (ThinkPrune's official code adds it
+      with the wrong sign). Entropy bonus: -entropy_coef * H.
+    - Aggregation is in `weight` (update: `loss_agg`): 1 / the step's completion tokens on all ranks
+      gives token-mean (DAPO, DLER), so micro-batching and ranks do not change the loss.
+    Returns the loss and detached sums over completion tokens: KL, entropy, tokens clipped low and high.
     """
     ratio = torch.exp(logp - old_logp)
     A = adv[:, None]  # (B, 1), one advantage per completion, broadcast over its tokens
-    pg = -torch.minimum(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
+    pg = -torch.minimum(ratio * A, ratio.clamp(1 - clip_low, 1 + clip_high) * A)
     log_r = ref_logp - logp if ref_logp is not None else torch.zeros_like(logp)
     kl = torch.exp(log_r) - log_r - 1
-    per_token = pg + kl_coef * kl - entropy_coef * entropy
-    loss = (per_token * mask).sum() / n_tokens
-    return loss, (kl.detach() * mask).sum(), (entropy.detach() * mask).sum()
+    loss = ((pg + kl_coef * kl - entropy_coef * entropy) * weight).sum()
+    on = (weight > 0).float()
+    stats = {"kl": (kl.detach() * on).sum(), "entropy": (entropy.detach() * on).sum(),  # the clip is active where
+             "clip_low": (((ratio < 1 - clip_low) & (A < 0)) * on).sum(),            # it lowers the objective
+             "clip_high": (((ratio > 1 + clip_high) & (A > 0)) * on).sum()}
+    return loss, stats
 
 
 # ---- the model under FSDP2 ---------------------------------------------------------------------------
@@ -187,6 +267,7 @@ class Rows:
     tokens: list[torch.Tensor]  # completion ids per row (EOS included)
     old_logp: list[torch.Tensor]  # rollout log-probs per row
     adv: torch.Tensor  # (N,) advantage per row
+    limit: torch.Tensor  # (N,) the row's token limit
 
 
 def micro_batch(rows: Rows, idx: list[int], device):
@@ -210,17 +291,33 @@ def micro_batch(rows: Rows, idx: list[int], device):
     return (inputs.to(device), targets.to(device), mask.to(device), old.to(device), rows.adv[idx].to(device))
 
 
+def row_weights(rows: Rows, mine: list[int], cfg: Config, d: Dist) -> dict:
+    """Each row's per-token weight in one optimizer step's loss, by `loss_agg`: "token-mean" 1 / the
+    step's tokens (DAPO, DLER); "seq-mean-token-mean" 1 / (the row's tokens x the step's rows) (GRPO);
+    "seq-mean-token-sum-norm" 1 / (cfg.limit x the step's rows) (Dr. GRPO: token sums over a constant).
+    Counts are over all ranks; {} when no rank has a row."""
+    n_rows, n_tok = d.all_sum(torch.tensor([len(mine), sum(len(rows.tokens[i]) for i in mine)])).tolist()
+    if n_rows == 0:
+        return {}
+    if cfg.loss_agg == "token-mean":
+        return {i: 1 / n_tok for i in mine}
+    if cfg.loss_agg == "seq-mean-token-mean":
+        return {i: 1 / (len(rows.tokens[i]) * n_rows) for i in mine}
+    return {i: 1 / (cfg.limit * n_rows) for i in mine}
+
+
 def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, step: int) -> dict:
     """ppo_epochs x minibatches optimizer steps over the kept rows. Returns update metrics."""
-    kl_sum = ent_sum = loss_sum = 0.0
-    n_tok_total, grad_norms, skipped = 0, [], 0
+    sums = dict.fromkeys(("kl", "entropy", "clip_low", "clip_high", "tokens"), 0.0)
+    loss_sum, grad_norms, skipped = 0.0, [], 0
+    clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     for epoch in range(cfg.ppo_epochs):
         g = torch.Generator().manual_seed(seed_for(cfg.seed, step, 1_000 * epoch + d.rank))
         order = [keep[i] for i in torch.randperm(len(keep), generator=g).tolist()]
         for mb in range(cfg.minibatches):
             mine = order[mb::cfg.minibatches]
-            n_tok = int(d.all_sum(torch.tensor([sum(len(rows.tokens[i]) for i in mine)]))[0])
-            if n_tok == 0:
+            w = row_weights(rows, mine, cfg, d)
+            if not w:
                 continue  # no row on any rank: nothing to learn from this minibatch
             chunks = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
             chunks += [[]] * (d.all_max(len(chunks)) - len(chunks))  # pair up FSDP collectives
@@ -229,90 +326,140 @@ def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, s
                 inputs, targets, mask, old, adv = micro_batch(rows, idx, d.device)
                 s = int(mask.float().argmax(1).min())  # log-probs from the first completion position on
                 targets, mask, old = targets[:, s:], mask[:, s:], old[:, s:]
+                weight = mask * torch.tensor([w[i] for i in idx] or [0.0], device=d.device)[:, None]  # (B, T)
                 lp_kw = dict(targets=targets, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
                 ref_logp = None
                 if ref is not None:
                     with torch.no_grad():
                         ref_logp, _ = ref(inputs, **lp_kw)
                 logp, entropy = model(inputs, **lp_kw, entropy_grad=cfg.entropy_coef > 0)
-                loss, kl, ent = grpo_loss(logp, old, ref_logp, entropy, adv, mask.float(), n_tok, cfg.clip_eps,
-                                          cfg.kl_coef, cfg.entropy_coef)
+                loss, stats = grpo_loss(logp, old, ref_logp, entropy, adv, weight, cfg.clip_eps, clip_high,
+                                        cfg.kl_coef, cfg.entropy_coef)
                 (loss * d.world).backward()  # FSDP averages gradients over ranks; we want their sum
                 mb_loss += loss.detach().cpu()
-                kl_sum, ent_sum = kl_sum + float(kl), ent_sum + float(ent)
+                for k, v in stats.items():
+                    sums[k] += float(v)
+                sums["tokens"] += float(mask.sum())
             mb_loss = float(d.all_sum(mb_loss.view(1))[0])
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
             if math.isfinite(mb_loss) and math.isfinite(norm):
                 opt.step()
+                check_finite(model, step)
             else:
                 skipped += 1
             opt.zero_grad(set_to_none=True)
-            loss_sum, n_tok_total = loss_sum + mb_loss, n_tok_total + n_tok
+            loss_sum += mb_loss
             grad_norms.append(norm)
-    totals = d.all_sum(torch.tensor([kl_sum, ent_sum]))
-    return {"loss": loss_sum, "kl": float(totals[0]) / max(n_tok_total, 1),
-            "entropy": float(totals[1]) / max(n_tok_total, 1),
-            "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+    tot = dict(zip(sums, d.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    per_token = {k: tot[k] / max(tot["tokens"], 1) for k in ("kl", "entropy", "clip_low", "clip_high")}
+    return {"loss": loss_sum, **per_token, "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
             "skipped": skipped, "optimizer_steps": len(grad_norms) - skipped}
 
 
-def train_step(model, ref, opt, tokenizer, problems, prompts, eos: list[int], cfg: Config, d: Dist, step: int,
-               reward_fn) -> tuple[dict, list[str]]:
-    """One rollout batch and its update. Returns metrics and a few decoded samples (rank 0's)."""
+def check_finite(model, step: int):
+    """Stop the run, naming the step and a parameter, if an optimizer step made any weight non-finite:
+    nothing after it (a checkpoint above all) may carry NaN or inf."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise FloatingPointError(f"step {step + 1}: the optimizer step made {len(bad)} parameter(s) non-finite, "
+                                 f"e.g. {bad[0]!r} (is lr too high?); nothing was saved for this step")
+
+
+def rollout_round(model, tokenizer, problems, prompts, idx: list[int], seeds: list[int], eos, cfg: Config, reward_fn):
+    """Sample G completions of each problem in idx and grade them. Returns a dict of per-row lists and
+    (P, G) tensors: reward (with the cutoff), correct (the text as it stands), finished, lengths, limits."""
     G = cfg.samples_per_prompt
-    idx = batch_indices(len(problems), cfg.prompts_per_step, cfg.seed, step)
-    per_rank = cfg.prompts_per_step // d.world
-    mine = idx[d.rank * per_rank:(d.rank + 1) * per_rank]
-    seeds = [seed_for(cfg.seed, step, d.rank * per_rank + j) for j in range(len(mine))]  # by place in batch
-
-    # 1. rollout on the unsharded model
-    t0 = time.perf_counter()
+    limits = [problems[k].get("limit", cfg.limit) for k in idx]
     with unsharded(model), torch.no_grad():
-        ro = generate(model, [prompts[k] for k in mine], n=G, max_new_tokens=cfg.limit, temperature=cfg.temperature,
+        ro = generate(model, [prompts[k] for k in idx], n=G, max_new_tokens=limits, temperature=cfg.temperature,
                       eos_ids=eos, seed=seeds, max_batch=cfg.rollout_batch)
-    ro = Rollout(tokens=ro.tokens.cpu(), logprobs=ro.logprobs.cpu(), lengths=ro.lengths.cpu(),
-                 finished=ro.finished.cpu(), prompt_index=ro.prompt_index.cpu())
-    rollout_s = time.perf_counter() - t0
-
-    # 2. rewards (unfinished -> 0 inside reward_fn) and group advantages
-    texts, rewards, correct = [], [], []
-    for i in range(len(ro.lengths)):
-        toks = ro.tokens[i, :ro.lengths[i]].tolist()
-        text = tokenizer.decode(toks, skip_special_tokens=True)
-        gold = problems[mine[int(ro.prompt_index[i])]]["answer"]
+    lengths, finished = ro.lengths.cpu(), ro.finished.cpu()
+    texts, reward, correct = [], [], []
+    for i in range(len(lengths)):
+        text = tokenizer.decode(ro.tokens[i, :lengths[i]].tolist(), skip_special_tokens=True)
+        gold = problems[idx[i // G]]["answer"]
         texts.append(text)
-        rewards.append(reward_fn(text, gold, bool(ro.finished[i])))
-        # accuracy ignores the cutoff: is the answer right even when the completion ran past L?
-        correct.append(rewards[-1] if ro.finished[i] else reward_fn(text, gold, True))
-    rewards = torch.tensor(rewards, dtype=torch.float32)
-    adv, zero_var = group_advantages(rewards.view(-1, G), cfg.std_normalize, cfg.adv_eps)  # (P, G), (P,)
-    keep = [i for i in range(len(rewards)) if not (cfg.skip_zero_var_groups and zero_var[i // G])]
-    rows = Rows(prompts=[prompts[mine[int(p)]] for p in ro.prompt_index],
-                tokens=[ro.tokens[i, :ro.lengths[i]] for i in range(len(rewards))],
-                old_logp=[ro.logprobs[i, :ro.lengths[i]] for i in range(len(rewards))], adv=adv.view(-1))
+        reward.append(reward_fn(text, gold, bool(finished[i])))
+        # graded as it stands: the accuracy metric, and the "keep" and "soft" policies
+        correct.append(reward[-1] if finished[i] else reward_fn(text, gold, True))
+    return {"idx": idx, "texts": texts, "prompts": [prompts[idx[i // G]] for i in range(len(texts))],
+            "tokens": [ro.tokens[i, :lengths[i]].cpu() for i in range(len(texts))],
+            "old_logp": [ro.logprobs[i, :lengths[i]].cpu() for i in range(len(texts))],
+            "reward": torch.tensor(reward, dtype=torch.float32).view(-1, G),
+            "correct": torch.tensor(correct, dtype=torch.float32).view(-1, G),
+            "finished": finished.view(-1, G), "lengths": lengths.view(-1, G),
+            "limits": torch.tensor(limits)[:, None].expand(-1, G)}
 
-    # 3. update
+
+def train_step(model, ref, opt, tokenizer, problems, prompts, eos: list[int], cfg: Config, d: Dist, step: int,
+               pos: int, reward_fn) -> tuple[dict, list[str], int]:
+    """One step: rollouts (with dynamic_sampling, more rounds until enough groups carry signal), rewards,
+    advantages, the update. `pos` is the run's position in the data order; returns metrics, a few
+    decoded samples (rank 0's) and the new position."""
+    per_rank = cfg.prompts_per_step // d.world
+    t0 = time.perf_counter()
+    rounds, kept = [], 0
+    # 1. rollouts on the unsharded model, each prompt's samples seeded by its place in the step's draws
+    while True:
+        r = len(rounds)
+        idx = batch_indices(len(problems), cfg.prompts_per_step, cfg.seed, pos)[d.rank * per_rank:(d.rank + 1) * per_rank]
+        pos += cfg.prompts_per_step
+        seeds = [seed_for(cfg.seed, step, r * cfg.prompts_per_step + d.rank * per_rank + j) for j in range(per_rank)]
+        ro = rollout_round(model, tokenizer, problems, prompts, idx, seeds, eos, cfg, reward_fn)
+        # 2. the rewards the policy sees (truncation policy, length term)
+        ro["shaped"], ro["valid"] = shape_rewards(ro["reward"], ro["correct"], ro["finished"], ro["lengths"],
+                                                  ro["limits"], cfg)
+        _, ro["signal"] = advantages(ro["shaped"], ro["valid"], torch.ones(per_rank), cfg, d)
+        rounds.append(ro)
+        kept += int(ro["signal"].sum())
+        # all ranks agree on the rounds: the one furthest from its share decides
+        if not cfg.dynamic_sampling or len(rounds) == cfg.max_sample_rounds or d.all_max(per_rank - kept) <= 0:
+            break
+    rollout_s = time.perf_counter() - t0
+    cat = {k: torch.cat([ro[k] for ro in rounds]) if torch.is_tensor(rounds[0][k]) else sum((ro[k] for ro in rounds), [])
+           for k in rounds[0]}
+
+    # 3. which groups enter the update, their advantages
+    use = cat["signal"] if cfg.skip_zero_var_groups or cfg.dynamic_sampling else torch.ones_like(cat["signal"])
+    if cfg.dynamic_sampling:  # this rank's share of groups with signal, in the order they were drawn
+        use = use & (use.cumsum(0) <= per_rank)
+    adv, _ = advantages(cat["shaped"], cat["valid"], use, cfg, d)
+    G = cfg.samples_per_prompt
+    keep = [i for i in range(len(cat["texts"])) if use[i // G] and cat["valid"].view(-1)[i]]
+    rows = Rows(prompts=cat["prompts"], tokens=cat["tokens"], old_logp=cat["old_logp"], adv=adv.view(-1),
+                limit=cat["limits"].reshape(-1))
+
+    # 4. update
     t0 = time.perf_counter()
     model.train()
     stats = update(model, ref, opt, rows, keep, cfg, d, step)
     update_s = time.perf_counter() - t0
 
-    # 4. metrics over all ranks
-    all_r, all_c = d.gather(rewards), d.gather(torch.tensor(correct))
-    lengths, finished = d.gather(ro.lengths.float()), d.gather(ro.finished.float())
-    n_zero_var = int(d.all_sum(zero_var.sum().view(1))[0])
-    metrics = {"step": step + 1, "limit": cfg.limit, "reward": float(all_r.mean()), "accuracy": float(all_c.mean()),
+    # 5. metrics over all rows drawn, all ranks
+    reward, correct = d.gather(cat["shaped"].view(-1)), d.gather(cat["correct"].view(-1))
+    lengths, finished = d.gather(cat["lengths"].reshape(-1).float()), d.gather(cat["finished"].reshape(-1).float())
+    groups = d.all_sum(torch.tensor([len(cat["signal"]), int((~cat["signal"]).sum()), int(use.sum())]))
+    metrics = {"step": step + 1, "limit": cfg.limit, "reward": float(reward.mean()), "accuracy": float(correct.mean()),
                "mean_len": float(lengths.mean()), "p90_len": float(lengths.quantile(0.9)),
                "truncation_rate": 1 - float(finished.mean()), "entropy": stats["entropy"], "kl": stats["kl"],
-               "loss": stats["loss"], "grad_norm": stats["grad_norm"], "zero_var_groups": n_zero_var,
+               "clip_low": stats["clip_low"], "clip_high": stats["clip_high"],
+               "loss": stats["loss"], "grad_norm": stats["grad_norm"], "zero_var_groups": int(groups[1]),
+               "groups_drawn": int(groups[0]), "groups_kept": int(groups[2]), "sample_rounds": len(rounds),
                "skipped": stats["skipped"], "tokens_per_s": float(lengths.sum()) / max(rollout_s, 1e-9),
                "rollout_s": rollout_s, "update_s": update_s, "lr": opt.param_groups[0]["lr"]}
-    samples = [f"=== step {step + 1} | row {i} | reward {float(rewards[i]):.0f} | {int(ro.lengths[i])} tokens | "
-               f"{'finished' if ro.finished[i] else 'CUT OFF'} | gold {problems[mine[int(ro.prompt_index[i])]]['answer']}\n"
-               f"{tokenizer.decode(rows.prompts[i])}{texts[i]}\n" for i in range(min(cfg.num_samples, len(texts)))]
-    return metrics, samples
+    samples = [f"=== step {step + 1} | row {i} | reward {float(cat['shaped'].view(-1)[i]):.2f} | "
+               f"{int(cat['lengths'].reshape(-1)[i])} tokens | "
+               f"{'finished' if cat['finished'].reshape(-1)[i] else 'CUT OFF'} | gold {problems[cat['idx'][i // G]]['answer']}\n"
+               f"{tokenizer.decode(rows.prompts[i])}{cat['texts'][i]}\n"
+               for i in range(min(cfg.num_samples, len(cat["texts"])))]
+    return metrics, samples, pos
+
+
+def problem_prompt(tokenizer, problem: dict, cfg: Config) -> list[int]:
+    """The training prompt of a problem: its own `limit` (when its row has one) or cfg.limit is stated."""
+    return build_prompt(tokenizer, problem["problem"], problem.get("limit", cfg.limit), cfg.system_prompt)
 
 
 # ---- the run -------------------------------------------------------------------------------------------
@@ -354,7 +501,7 @@ def main(cfg: Config, reward_fn=None) -> str:
     # data: load, build prompts, drop the ones over max_prompt_tokens
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     problems = load_problems(cfg.train_data)
-    prompts = [build_prompt(tokenizer, p["problem"], cfg.limit, cfg.system_prompt) for p in problems]
+    prompts = [problem_prompt(tokenizer, p, cfg) for p in problems]
     fits = [i for i, p in enumerate(prompts) if len(p) <= cfg.max_prompt_tokens]
     if d.rank == 0 and len(fits) < len(problems):
         print(f"dropped {len(problems) - len(fits)} of {len(problems)} prompts longer than "
@@ -371,7 +518,7 @@ def main(cfg: Config, reward_fn=None) -> str:
     ref = load_model(cfg.model, d, trainable=False).eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
-    start = 0
+    start = pos = 0
     if resume is not None:
         state = ckpt.load(model, opt, resume, d)
         start = state["step"]
@@ -379,7 +526,9 @@ def main(cfg: Config, reward_fn=None) -> str:
         random.setstate(state["rng"]["python"])
         if state["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if tuple(state["data_position"]) != divmod(start * cfg.prompts_per_step, len(problems)):
+        epoch, i = state["data_position"]
+        pos = epoch * len(problems) + i
+        if not cfg.dynamic_sampling and pos != start * cfg.prompts_per_step:
             raise ValueError(f"{resume}: saved with a different data set or prompts_per_step")
         changed = {k: v for k, v in asdict(cfg).items() if state["config"].get(k) != v}
         if d.rank == 0:
@@ -408,7 +557,8 @@ def main(cfg: Config, reward_fn=None) -> str:
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else cfg.lr
         for group in opt.param_groups:
             group["lr"] = lr
-        metrics, samples = train_step(model, ref, opt, tokenizer, problems, prompts, eos, cfg, d, step, reward_fn)
+        metrics, samples, pos = train_step(model, ref, opt, tokenizer, problems, prompts, eos, cfg, d, step, pos,
+                                           reward_fn)
         if d.rank == 0:
             log.write(json.dumps(metrics) + "\n")
             log.flush()
@@ -426,7 +576,7 @@ def main(cfg: Config, reward_fn=None) -> str:
             bar.update(1)
         if (cfg.save_every > 0 and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps:
             state = {"step": step + 1, "config": asdict(cfg), "world_size": d.world,
-                     "data_position": divmod((step + 1) * cfg.prompts_per_step, len(problems)),  # (epoch, index)
+                     "data_position": divmod(pos, len(problems)),  # (epoch, index) of the next problem
                      "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                              "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
             ckpt.save(model, opt, state, d, out_dir / f"step_{step + 1:06d}", cfg.keep_last)

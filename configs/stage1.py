@@ -21,7 +21,7 @@ minibatches = 1  # one optimizer step per rollout batch (ppo_mini_batch_size = t
 ppo_epochs = 1
 kl_coef = 0.001  # k3 KL in the loss, subtracted from the objective (the official code had the sign flipped)
 entropy_coef = 0.001
-std_normalize = True  # GRPO's (r - mean) / std
+adv_norm = "group"  # GRPO: (r - group mean) / group std
 steps = 120  # our choice (about 17 passes over 907 problems), not the paper's; validate and pick a checkpoint
 save_every = 20  # the official save/validation interval: every checkpoint is a candidate
 keep_last = 0  # keep all of them (0 = keep every checkpoint); each holds fp32 weights, ~7 GB

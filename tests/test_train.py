@@ -24,6 +24,7 @@ import reward
 import train
 from config import load_config
 from data import batch_indices
+from distributed import Dist
 from model import ModelArgs, Transformer, logprobs
 from tiny_run import finish_reward, make_tiny
 
@@ -52,15 +53,16 @@ def test_loss_matches_hand_computation():
     entropy = torch.ones(2, 3)
     adv = torch.tensor([1.0, -2.0])
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0]])  # row 1's last position is padding
-    loss, kl, ent = train.grpo_loss(logp, old, ref, entropy, adv, mask, n_tokens=5, clip_eps=0.2,
-                                    kl_coef=0.1, entropy_coef=0.01)
+    loss, stats = train.grpo_loss(logp, old, ref, entropy, adv, weight=mask / 5, clip_low=0.2, clip_high=0.2,
+                                  kl_coef=0.1, entropy_coef=0.01)
     # row 0 (A=+1): r=1 -> -1; r=1.5 clipped to 1.2 -> -1.2; r=0.5 -> -min(0.5, 0.8) = -0.5
     # row 1 (A=-2): r=1.5 -> -min(-3, -2.4) = 3; r=0.5 -> -min(-1, -1.6) = 1.6; masked token ignored
     pg = -1 - 1.2 - 0.5 + 3 + 1.6
     k3 = 2 - math.log(2) - 1  # exp(log 2) - log 2 - 1, once among the unmasked tokens
     expected = (pg + 0.1 * k3 - 0.01 * 5) / 5
     assert loss.item() == pytest.approx(expected, abs=1e-6)
-    assert kl.item() == pytest.approx(k3, abs=1e-6) and ent.item() == pytest.approx(5.0)
+    assert stats["kl"].item() == pytest.approx(k3, abs=1e-6) and stats["entropy"].item() == pytest.approx(5.0)
+    assert (stats["clip_low"].item(), stats["clip_high"].item()) == (1, 1)  # row 1's r=0.5 (A<0), row 0's r=1.5
 
 
 def test_unfinished_completion_gets_zero_reward_and_negative_advantage():
@@ -71,11 +73,12 @@ def test_unfinished_completion_gets_zero_reward_and_negative_advantage():
                              reward.score(text, "42", True), reward.score("\\boxed{41}", "42", True)],
                             [0.0, 0.0, 0.0, 0.0]])
     assert rewards[0].tolist() == [1.0, 0.0, 1.0, 0.0]
-    adv, zero_var = train.group_advantages(rewards, std_normalize=True, eps=1e-6)
+    valid, use, d = torch.ones(2, 4, dtype=torch.bool), torch.ones(2), Dist(0, 1, torch.device("cpu"))
+    adv, signal = train.advantages(rewards, valid, use, train.Config(adv_norm="group"), d)
     assert adv[0, 1] < 0 < adv[0, 0]
     assert adv[0].tolist() == pytest.approx([0.866, -0.866, 0.866, -0.866], abs=1e-3)  # unbiased std 0.577
-    assert zero_var.tolist() == [False, True] and adv[1].abs().sum() == 0
-    adv_plain, _ = train.group_advantages(rewards, std_normalize=False, eps=1e-6)
+    assert signal.tolist() == [True, False] and adv[1].abs().sum() == 0
+    adv_plain, _ = train.advantages(rewards, valid, use, train.Config(adv_norm="none"), d)
     assert adv_plain[0].tolist() == [0.5, -0.5, 0.5, -0.5]
 
 
@@ -92,8 +95,8 @@ def test_kl_gradient_pulls_toward_reference():
         for _ in range(5):
             logp, ent = logprobs(logits, target)
             ref_logp, _ = logprobs(ref_logits, target)
-            loss, _, _ = train.grpo_loss(logp, logp.detach(), ref_logp, ent, torch.zeros(1), torch.ones(1, 1),
-                                         1, 0.2, kl_coef=1.0, entropy_coef=0.0)
+            loss, _ = train.grpo_loss(logp, logp.detach(), ref_logp, ent, torch.zeros(1), torch.ones(1, 1),
+                                      0.2, 0.2, kl_coef=1.0, entropy_coef=0.0)
             gap_now = (ref_logp - logp).item()
             assert dist_before is None or abs(gap_now) < dist_before
             dist_before = abs(gap_now)
@@ -161,11 +164,11 @@ def test_config_errors_name_the_key(tmp_path, text, overrides, message):
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():
-    steps = [batch_indices(10, 4, seed=3, step=s) for s in range(5)]  # 20 = two epochs
+    steps = [batch_indices(10, 4, seed=3, start=4 * s) for s in range(5)]  # 20 = two epochs
     flat = sum(steps, [])
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:]) == list(range(10))
     assert flat[:10] != flat[10:]  # a new permutation per epoch
-    assert batch_indices(10, 4, seed=3, step=3) == steps[3]  # a pure function of (seed, step)
+    assert batch_indices(10, 4, seed=3, start=12) == steps[3]  # a pure function of (seed, position)
 
 
 # ---- runs --------------------------------------------------------------------------------------------
@@ -262,14 +265,17 @@ def test_fsdp_two_processes_match_one_process(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_continues_where_it_stopped(tiny, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--dynamic_sampling=true", "--limit=5", "--max_sample_rounds=3"]],
+                         ids=["plain", "dynamic_sampling"])
+def test_resume_after_sigkill_continues_where_it_stopped(tiny, tmp_path, extra):
     """Kill a run with SIGKILL after step 3's metrics line (so metrics.jsonl runs ahead of the step-2
     checkpoint), add a line torn mid-write, rerun the same command: it resumes from the newest complete
     checkpoint, metrics.jsonl has each step once, steps, rewards (so the data order and rollouts) and
     final parameters equal those of an uninterrupted run, and with keep_last=1 (the resumed checkpoint
-    is deleted) the new checkpoints still carry the tokenizer files."""
+    is deleted) the new checkpoints still carry the tokenizer files. With dynamic sampling (at limit 5 most
+    groups are all cut off, so steps draw more rounds) the resumed run draws the same extra prompts."""
     model, data = tiny
-    args = [TINY, f"--model={model}", f"--train_data={data}", "--steps=8", "--save_every=2", "--keep_last=1"]
+    args = [TINY, f"--model={model}", f"--train_data={data}", "--steps=8", "--save_every=2", "--keep_last=1", *extra]
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "tests" / "tiny_run.py"), *args, f"--out_dir={killed}"]
     proc = subprocess.Popen(cmd, env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -298,7 +304,9 @@ def test_resume_after_sigkill_continues_where_it_stopped(tiny, tmp_path):
     ref = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in resumed] == list(range(1, 9)), f"{lines_before} lines before the resume"
     for a, b in zip(resumed, ref):
-        assert (a["reward"], a["mean_len"]) == (b["reward"], b["mean_len"]), a["step"]
+        assert (a["reward"], a["mean_len"], a["groups_drawn"]) == (b["reward"], b["mean_len"], b["groups_drawn"]), a["step"]
+    if extra:
+        assert max(m["sample_rounds"] for m in ref) > 1, "no step drew a second round: the test tests nothing"
     assert lines_before > step_saved  # there were lines past the checkpoint to drop
     assert (killed / "step_000008" / "tokenizer.json").is_file() and not (killed / "step_000002").exists()
     p_resumed, p_ref = _params(killed / "step_000008"), _params(tmp_path / "straight" / "step_000008")
