@@ -301,13 +301,14 @@ class Transformer(nn.Module):
         x = x[:, T - targets.size(1):]  # (B, k, H)
         logp, entropy = [], []
         for b in range(B):
+            out = []
             for s in range(0, targets.size(1), chunk):
                 args = (x[b, s:s + chunk], targets[b, s:s + chunk], temperature, entropy_grad)  # (C, H), (C,)
-                lp, ent = checkpoint(self._head_logprobs, *args, use_reentrant=False) \
-                    if torch.is_grad_enabled() else self._head_logprobs(*args)
-                logp.append(lp)
-                entropy.append(ent)
-        return torch.cat(logp).view(targets.shape), torch.cat(entropy).view(targets.shape)
+                out.append(checkpoint(self._head_logprobs, *args, use_reentrant=False)
+                           if torch.is_grad_enabled() else self._head_logprobs(*args))
+            logp.append(torch.cat([lp for lp, _ in out]))
+            entropy.append(torch.cat([ent for _, ent in out]))
+        return torch.stack(logp), torch.stack(entropy)  # (B, k) each
 
     def _head_logprobs(self, h, targets, temperature, entropy_grad):
         return logprobs(self.lm_head(self.norm(h)), targets, temperature, entropy_grad)
