@@ -232,3 +232,11 @@ def test_dynamic_sampling_under_torchrun_two_ranks(tiny, tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     assert all(m["groups_drawn"] == 4 * m["sample_rounds"] for m in metrics)
+
+
+def test_dler_config_is_thinkprunes_cutoff_with_dlers_optimisation():
+    dler = load_config(str(ROOT / "configs" / "dler.py"), [], train.Config)
+    stage1 = load_config(str(ROOT / "configs" / "stage1.py"), [], train.Config)
+    assert (dler.limit, dler.truncation) == (stage1.limit, stage1.truncation) == (4000, "zero")
+    assert (dler.adv_norm, dler.clip_eps, dler.clip_eps_high, dler.dynamic_sampling, dler.loss_agg) == \
+        ("batch", 0.2, 0.28, True, "token-mean")
