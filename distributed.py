@@ -12,6 +12,7 @@ collective timeout: ranks whose rollouts or evaluation samples differ in length 
 very different times, and NCCL's 10-minute default would kill them. gloo on the CPU keeps its default.
 """
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -63,6 +64,9 @@ def device(name: str = "") -> torch.device:
 def init(device_name: str = "") -> Dist:
     """This process's rank, world size and device; makes the process group under torchrun if none exists."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    # before CUDA's allocator starts: a run alternates a large KV cache with update activations, and
+    # expandable segments let freed blocks serve other sizes instead of fragmenting
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dev = device(device_name)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -81,6 +85,14 @@ def rank() -> int:
 
 def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def free_memory():
+    """Between phases (rollout -> update, stage -> validation): FSDP2 modules hold reference cycles, so a
+    deleted model's memory waits for the cyclic GC; collect it and hand cached CUDA blocks back."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def cleanup():

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import distributed
 from config import check, load_config
 from data import DATA_DIR, SYSTEM_PROMPT, build_prompt, eos_ids, load_problems, seed_for
-from model import Transformer
+from model import Transformer, attention_backend, check_dir
 from report import keyword_table, results_table, write_json, write_text
 from reward import score
 from rollout import Rollout, generate
@@ -249,7 +249,9 @@ def summarize(records: list[Completion]) -> dict:
 # ---- CLI -----------------------------------------------------------------------------------------------
 
 def load_model(path: str, device):
+    """The model and tokenizer of an HF dir; what the dir lacks is named first (model.check_dir)."""
     from transformers import AutoTokenizer  # only the CLI and schedule.py load from disk
+    check_dir(path)
     return Transformer.from_pretrained(path, device=device).eval(), AutoTokenizer.from_pretrained(path)
 
 
@@ -303,6 +305,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     for ckpt in cfg.ckpt.split(","):
         model, tokenizer = load_model(ckpt, d.device)
+        if d.rank == 0:
+            print(f"attention: {attention_backend(d.device, next(model.parameters()).dtype)}", flush=True)
         for name, problems in benches.items():
             k = cfg.samples or samples_for(name)
             for B in [None] + cfg.budgets():

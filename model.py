@@ -29,6 +29,7 @@ Choices:
 import json
 import math
 import shutil
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -43,12 +44,23 @@ from torch.utils.checkpoint import checkpoint
 
 try:  # GPU only; absent on CPU machines
     from flash_attn import flash_attn_func, flash_attn_varlen_func
-except ImportError:
+except (ImportError, OSError) as e:  # installed but broken (often a build for another torch): say so
+    if getattr(e, "name", None) != "flash_attn":
+        warnings.warn(f"flash-attn is installed but does not import ({e}); attention falls back to torch SDPA")
     flash_attn_func = flash_attn_varlen_func = None
 
 # Files that travel with a checkpoint so that transformers can rebuild the tokenizer and chat template.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
+    """Which kernel runs prefill and training attention here, for the start-up line of every entry point."""
+    if device.type == "cuda" and dtype != torch.float32 and flash_attn_func is not None:
+        import flash_attn
+        return f"flash-attn {flash_attn.__version__}"
+    why = "not installed" if flash_attn_func is None else ("fp32" if device.type == "cuda" else "CPU")
+    return f"torch SDPA (flash-attn: {why})"
+
 
 def device_and_dtype(device=None):
     """The device to run on and its training/sampling dtype: bf16 on CUDA, fp32 on CPU."""
@@ -320,11 +332,10 @@ class Transformer(nn.Module):
         """Load config.json + model.safetensors (or shards + model.safetensors.index.json) from `path`.
         Defaults: the first CUDA device in bf16 when there is one, else CPU in fp32."""
         path = Path(path)
+        check_dir(path, tokenizer=False)
         device, default_dtype = device_and_dtype(device)
         dtype = dtype or default_dtype
         cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise FileNotFoundError(f"{cfg_file}: not found (is {path} a Hugging Face checkpoint directory?)")
         try:
             hf_config = json.loads(cfg_file.read_text())
         except json.JSONDecodeError as e:
@@ -397,6 +408,23 @@ class Transformer(nn.Module):
             for name in TOKENIZER_FILES:
                 if (Path(self.source_dir) / name).is_file():
                     shutil.copy2(Path(self.source_dir) / name, path / name)
+
+
+def check_dir(path, tokenizer: bool = True):
+    """Before anything loads from `path`: it is a directory with config.json, weights (model.safetensors or
+    an index) and, with `tokenizer`, tokenizer_config.json and a vocabulary (tokenizer.json, vocab.json or
+    tokenizer.model); else FileNotFoundError naming the directory and everything missing (transformers
+    would say "Repo id must be in the form ..." for a missing dir, or fail inside the tokenizer)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such model directory (a Hugging Face checkpoint dir: config.json, "
+                                f"model.safetensors, tokenizer files)")
+    wanted = [("config.json",), ("model.safetensors", "model.safetensors.index.json")]
+    if tokenizer:
+        wanted += [("tokenizer_config.json",), ("tokenizer.json", "vocab.json", "tokenizer.model")]
+    missing = [" or ".join(names) for names in wanted if not any((path / n).is_file() for n in names)]
+    if missing:
+        raise FileNotFoundError(f"{path}: not a complete model directory, missing {', '.join(missing)}")
 
 
 def _weight_files(path: Path) -> dict:

@@ -154,6 +154,7 @@ def validate(cfg: ScheduleConfig, path: str, name: str, out: Path, budget: int |
         print(f"[schedule] {name}: pass@1 {res['accuracy']:.4f}, mean length {res['mean_length']:.1f}, "
               f"truncated {res['truncation_rate']:.3f} ({res['seconds']:.0f}s)", flush=True)
     del model
+    distributed.free_memory()
     return {"path": str(path), **res}
 
 

@@ -27,11 +27,11 @@ reduce-scatters; rollouts use our own sampler, not vLLM.
 
 import json
 import math
-import os
 import random
+import re
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -45,7 +45,8 @@ import reward
 from config import check, choice, load_config
 from data import DATA_DIR, SYSTEM_PROMPT, batch_indices, build_prompt, eos_ids, load_problems, seed_for
 from distributed import Dist
-from model import Transformer
+from model import Transformer, attention_backend, check_dir
+from report import write_text
 from rollout import generate
 
 
@@ -87,6 +88,9 @@ class Config:
     max_sample_rounds: int = 3  # at most this many rollout rounds per step with dynamic_sampling
     minibatches: int = 1  # optimizer steps per epoch over one rollout batch
     ppo_epochs: int = 1
+    # old log-probs of the ratio from the trainer's forward, not the sampler's (veRL's choice); None: on CUDA
+    # (bf16 kernels differ between the two), off on the CPU (fp32: they agree to rounding)
+    recompute_old_logp: bool | None = None
     # optimisation
     steps: int = 100  # total steps of the run (a resumed run continues up to this)
     lr: float = 1e-6
@@ -205,7 +209,8 @@ def grpo_loss(logp, old_logp, ref_logp, entropy, adv, weight, clip_low, clip_hig
       with the wrong sign). Entropy bonus: -entropy_coef * H.
     - Aggregation is in `weight` (update: `loss_agg`): 1 / the step's completion tokens on all ranks
       gives token-mean (DAPO, DLER), so micro-batching and ranks do not change the loss.
-    Returns the loss and detached sums over completion tokens: KL, entropy, tokens clipped low and high.
+    Returns the loss and detached sums over completion tokens: KL, entropy, tokens clipped low and high
+    (where the clip is active), tokens whose ratio is outside the clip range.
     """
     ratio = torch.exp(logp - old_logp)
     A = adv[:, None]  # (B, 1), one advantage per completion, broadcast over its tokens
@@ -216,7 +221,8 @@ def grpo_loss(logp, old_logp, ref_logp, entropy, adv, weight, clip_low, clip_hig
     on = (weight > 0).float()
     stats = {"kl": (kl.detach() * on).sum(), "entropy": (entropy.detach() * on).sum(),  # the clip is active where
              "clip_low": (((ratio < 1 - clip_low) & (A < 0)) * on).sum(),            # it lowers the objective
-             "clip_high": (((ratio > 1 + clip_high) & (A > 0)) * on).sum()}
+             "clip_high": (((ratio > 1 + clip_high) & (A > 0)) * on).sum(),
+             "ratio_out": (((ratio < 1 - clip_low) | (ratio > 1 + clip_high)) * on).sum()}
     return loss, stats
 
 
@@ -231,15 +237,21 @@ def load_model(path, d: Dist, trainable: bool, activation_checkpointing: bool = 
     model.requires_grad_(trainable)
     if activation_checkpointing:  # recompute each block in backward; wrapping forward keeps parameter names
         for block in model.layers:
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+            block.forward = partial(_checkpointed, block.forward)
     if d.world > 1:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if d.device.type == "cuda" and trainable else MixedPrecisionPolicy()
         for block in model.layers:
             fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+        # the frozen reference's root (embedding, head) is freed after its forward; the policy's is kept for backward
+        fully_shard(model, mp_policy=mp, reshard_after_forward=None if trainable else True)
     return model
+
+
+def _checkpointed(forward, *args):
+    """Activation checkpointing where gradients are recorded; a plain call in rollouts (no RNG state saved)."""
+    return checkpoint(forward, *args, use_reentrant=False) if torch.is_grad_enabled() else forward(*args)
 
 
 @contextmanager
@@ -306,10 +318,34 @@ def row_weights(rows: Rows, mine: list[int], cfg: Config, d: Dist) -> dict:
     return {i: 1 / (cfg.limit * n_rows) for i in mine}
 
 
+def micro_batches(rows: Rows, idxs: list[int], cfg: Config, d: Dist):
+    """Micro-batches of this rank's rows `idxs`, as micro_batch gives them but cut to start at the first
+    completion position; padded with empty ones so that every rank runs as many (FSDP's collectives)."""
+    chunks = [idxs[i:i + cfg.micro_batch_size] for i in range(0, len(idxs), cfg.micro_batch_size)]
+    chunks += [[]] * (d.all_max(len(chunks)) - len(chunks))
+    for idx in chunks:
+        inputs, targets, mask, old, adv = micro_batch(rows, idx, d.device)
+        s = int(mask.float().argmax(1).min())  # log-probs from the first completion position on
+        yield idx, inputs, targets[:, s:], mask[:, s:], old[:, s:], adv
+
+
+@torch.no_grad()
+def recompute_old_logp(model, rows: Rows, keep: list[int], cfg: Config, d: Dist):
+    """Replace the sampler's log-probs of the kept rows by the trainer's forward (veRL's choice): their
+    kernels differ (bf16 on GPU), so with the sampler's the first ratio is numerical mismatch alone, and
+    the clip can cut tokens before the policy has moved."""
+    for idx, inputs, targets, mask, _, _ in micro_batches(rows, keep, cfg, d):
+        logp, _ = model(inputs, targets=targets, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
+        for b, i in enumerate(idx):
+            rows.old_logp[i] = logp[b][mask[b]].float().cpu()
+
+
 def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, step: int) -> dict:
-    """ppo_epochs x minibatches optimizer steps over the kept rows. Returns update metrics."""
-    sums = dict.fromkeys(("kl", "entropy", "clip_low", "clip_high", "tokens"), 0.0)
-    loss_sum, grad_norms, skipped = 0.0, [], 0
+    """ppo_epochs x minibatches optimizer steps over the kept rows. Returns update metrics, among them
+    ratio_out_first: the fraction of the first minibatch's tokens whose ratio is outside the clip range
+    before any step (0 when the old log-probs are the trainer's own)."""
+    sums = dict.fromkeys(("kl", "entropy", "clip_low", "clip_high", "ratio_out", "tokens"), 0.0)
+    loss_sum, grad_norms, skipped, first = 0.0, [], 0, None
     clip_high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
     for epoch in range(cfg.ppo_epochs):
         g = torch.Generator().manual_seed(seed_for(cfg.seed, step, 1_000 * epoch + d.rank))
@@ -319,13 +355,8 @@ def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, s
             w = row_weights(rows, mine, cfg, d)
             if not w:
                 continue  # no row on any rank: nothing to learn from this minibatch
-            chunks = [mine[i:i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
-            chunks += [[]] * (d.all_max(len(chunks)) - len(chunks))  # pair up FSDP collectives
             mb_loss = torch.zeros(())
-            for idx in chunks:
-                inputs, targets, mask, old, adv = micro_batch(rows, idx, d.device)
-                s = int(mask.float().argmax(1).min())  # log-probs from the first completion position on
-                targets, mask, old = targets[:, s:], mask[:, s:], old[:, s:]
+            for idx, inputs, targets, mask, old, adv in micro_batches(rows, mine, cfg, d):
                 weight = mask * torch.tensor([w[i] for i in idx] or [0.0], device=d.device)[:, None]  # (B, T)
                 lp_kw = dict(targets=targets, temperature=cfg.temperature, chunk=cfg.logprob_chunk)
                 ref_logp = None
@@ -340,6 +371,8 @@ def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, s
                 for k, v in stats.items():
                     sums[k] += float(v)
                 sums["tokens"] += float(mask.sum())
+            if first is None:
+                first = d.all_sum(torch.tensor([sums["ratio_out"], sums["tokens"]], dtype=torch.float64)).tolist()
             mb_loss = float(d.all_sum(mb_loss.view(1))[0])
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
@@ -354,7 +387,7 @@ def update(model, ref, opt, rows: Rows, keep: list[int], cfg: Config, d: Dist, s
             grad_norms.append(norm)
     tot = dict(zip(sums, d.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
     per_token = {k: tot[k] / max(tot["tokens"], 1) for k in ("kl", "entropy", "clip_low", "clip_high")}
-    return {"loss": loss_sum, **per_token, "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
+    return {"loss": loss_sum, **per_token, "ratio_out_first": first[0] / max(first[1], 1) if first else 0.0, "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
             "skipped": skipped, "optimizer_steps": len(grad_norms) - skipped}
 
 
@@ -418,6 +451,8 @@ def train_step(model, ref, opt, tokenizer, problems, prompts, eos: list[int], cf
         if not cfg.dynamic_sampling or len(rounds) == cfg.max_sample_rounds or d.all_max(per_rank - kept) <= 0:
             break
     rollout_s = time.perf_counter() - t0
+    if d.device.type == "cuda":
+        torch.cuda.empty_cache()  # the KV cache's blocks, for the update's activations
     cat = {k: torch.cat([ro[k] for ro in rounds]) if torch.is_tensor(rounds[0][k]) else sum((ro[k] for ro in rounds), [])
            for k in rounds[0]}
 
@@ -434,6 +469,8 @@ def train_step(model, ref, opt, tokenizer, problems, prompts, eos: list[int], cf
     # 4. update
     t0 = time.perf_counter()
     model.train()
+    if cfg.recompute_old_logp if cfg.recompute_old_logp is not None else d.device.type == "cuda":
+        recompute_old_logp(model, rows, keep, cfg, d)
     stats = update(model, ref, opt, rows, keep, cfg, d, step)
     update_s = time.perf_counter() - t0
 
@@ -444,7 +481,7 @@ def train_step(model, ref, opt, tokenizer, problems, prompts, eos: list[int], cf
     metrics = {"step": step + 1, "limit": cfg.limit, "reward": float(reward.mean()), "accuracy": float(correct.mean()),
                "mean_len": float(lengths.mean()), "p90_len": float(lengths.quantile(0.9)),
                "truncation_rate": 1 - float(finished.mean()), "entropy": stats["entropy"], "kl": stats["kl"],
-               "clip_low": stats["clip_low"], "clip_high": stats["clip_high"],
+               "clip_low": stats["clip_low"], "clip_high": stats["clip_high"], "ratio_out_first": stats["ratio_out_first"],
                "loss": stats["loss"], "grad_norm": stats["grad_norm"], "zero_var_groups": int(groups[1]),
                "groups_drawn": int(groups[0]), "groups_kept": int(groups[2]), "sample_rounds": len(rounds),
                "skipped": stats["skipped"], "tokens_per_s": float(lengths.sum()) / max(rollout_s, 1e-9),
@@ -465,8 +502,9 @@ def problem_prompt(tokenizer, problem: dict, cfg: Config) -> list[int]:
 # ---- the run -------------------------------------------------------------------------------------------
 
 def _log_metrics_open(out_dir: Path, resume_step: int):
-    """Open metrics.jsonl for appending, first dropping lines past the resumed step (and a line torn by
-    the kill); the cut-back file is written under a temporary name and renamed, so a kill keeps it."""
+    """Open metrics.jsonl for appending, first cutting it and samples.txt back to the resumed step: metrics
+    lines past it (and a line torn by the kill) and samples blocks ("=== step N | ...") past it are
+    dropped. Each cut-back file is written under a temporary name and renamed, so a kill keeps it."""
     path = out_dir / "metrics.jsonl"
     if path.exists():
         kept = []
@@ -476,23 +514,35 @@ def _log_metrics_open(out_dir: Path, resume_step: int):
                     kept.append(ln)
             except (json.JSONDecodeError, KeyError, TypeError):
                 continue  # empty, or torn mid-write
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, path)
+        write_text(path, "".join(ln + "\n" for ln in kept))
+    samples = out_dir / "samples.txt"
+    if samples.exists():
+        blocks = re.split(r"(?m)^(?==== step \d+ \|)", samples.read_text())  # each block starts at its header
+        write_text(samples, "".join(b for b in blocks
+                                    if (m := re.match(r"=== step (\d+) \|", b)) and int(m[1]) <= resume_step))
     return open(path, "a")
 
 
 def main(cfg: Config, reward_fn=None) -> str:
-    """Train with `cfg`; returns out_dir. reward_fn(text, gold, finished) defaults to reward.score."""
-    from transformers import AutoTokenizer
-    reward_fn = reward_fn or reward.score
+    """Train with `cfg`; returns out_dir. reward_fn(text, gold, finished) defaults to reward.score. The
+    values, the device and the model dir are checked before anything loads; rank 0 holds out_dir's lock
+    (checkpoint.lock) for the whole run, so a second run on it is refused."""
     cfg.check()
     d = distributed.init(cfg.device)
     if cfg.prompts_per_step % d.world:
         raise ValueError(f"prompts_per_step={cfg.prompts_per_step} is not a multiple of world size {d.world}")
+    check_dir(cfg.model)
     out_dir = Path(cfg.out_dir)
     if d.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+    with ckpt.lock(out_dir) if d.rank == 0 else nullcontext():
+        return _run(cfg, reward_fn or reward.score, d, out_dir)
+
+
+def _run(cfg: Config, reward_fn, d: Dist, out_dir: Path) -> str:
+    """main's run, under out_dir's lock."""
+    from transformers import AutoTokenizer
+    if d.rank == 0:
         ckpt.clean(out_dir)
         print(json.dumps(asdict(cfg), indent=1), flush=True)
     if d.world > 1:
@@ -515,6 +565,8 @@ def main(cfg: Config, reward_fn=None) -> str:
     model = load_model(resume or cfg.model, d, trainable=True, activation_checkpointing=cfg.activation_checkpointing)
     model.source_dir = cfg.model  # tokenizer files come from here: keep_last may delete the resumed checkpoint
     eos = eos_ids(tokenizer, model.args.eos_token_id)
+    if d.rank == 0:
+        print(f"attention: {attention_backend(d.device, torch.bfloat16 if d.world > 1 and d.device.type == 'cuda' else torch.float32)}", flush=True)
     ref = load_model(cfg.model, d, trainable=False).eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
@@ -588,6 +640,8 @@ def main(cfg: Config, reward_fn=None) -> str:
             tb.close()
         if wb is not None:
             wb.finish()
+    del model, ref, opt
+    distributed.free_memory()
     return str(out_dir)
 
 

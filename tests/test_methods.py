@@ -240,3 +240,21 @@ def test_dler_config_is_thinkprunes_cutoff_with_dlers_optimisation():
     assert (dler.limit, dler.truncation) == (stage1.limit, stage1.truncation) == (4000, "zero")
     assert (dler.adv_norm, dler.clip_eps, dler.clip_eps_high, dler.dynamic_sampling, dler.loss_agg) == \
         ("batch", 0.2, 0.28, True, "token-mean")
+
+
+def test_recompute_old_logp_makes_the_first_ratio_one(tiny, tmp_path, monkeypatch):
+    """Sampler log-probs that disagree with the trainer's (here: shifted by 0.5, as bf16 kernels might) put
+    tokens outside the clip range at the first update; recomputed by the trainer's forward, none is."""
+    real = train.generate
+
+    def off_by_half(*args, **kwargs):
+        ro = real(*args, **kwargs)
+        ro.logprobs += 0.5 * (torch.arange(ro.logprobs.size(1)) % 2)  # every other token
+        return ro
+    monkeypatch.setattr(train, "generate", off_by_half)
+    first = {}
+    for on in (False, True):
+        out = train.main(_tiny_cfg(tiny, tmp_path / str(on), "--steps=1", "--kl_coef=0",
+                                   f"--recompute_old_logp={on}"), reward_fn=finish_reward)
+        first[on] = json.loads((Path(out) / "metrics.jsonl").read_text())["ratio_out_first"]
+    assert first[False] > 0.2 and first[True] == 0.0
