@@ -12,8 +12,8 @@ order per epoch, split over ranks), G samples of each (rollout.generate, max_new
 group advantages, `update` (micro-batches, `grpo_loss`), metrics, and a checkpoint now and then.
 
 Choices:
-- Rollouts run on the unsharded model (every FSDP module unsharded once, kept so through decoding):
-  ranks whose rows stop at different lengths never wait for each other in a collective.
+- Rollouts run on a plain model over the gathered weights (`unsharded`): no collective per decode step,
+  so ranks whose rows stop at different lengths never wait for each other, and no FSDP hooks.
 - The loss is summed over completion tokens and divided by the step's completion tokens on all ranks
   (token-mean), times the world size because FSDP averages gradients; every rank runs the same number
   of micro-batches (zero-weight dummy rows), so the collectives pair up.
@@ -256,17 +256,25 @@ def _checkpointed(forward, *args):
 
 @contextmanager
 def unsharded(model):
-    """Gather every FSDP module's full parameters for the duration (a no-op without FSDP)."""
+    """Gather every FSDP module's full parameters and yield a plain Transformer on them for decoding: no
+    FSDP hooks, no checkpoint wrappers and no collectives per step, so ranks whose rows stop at different
+    lengths never wait for each other. Without FSDP it yields the model itself."""
     from torch.distributed.fsdp import FSDPModule
     mods = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if not mods:
+        yield model
+        return
     for m in mods:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
+        m.unshard()  # waits: each module's parameters are now plain tensors holding the full weights
     try:
-        yield
+        with torch.device("meta"):
+            plain = Transformer(model.args)
+        plain.load_state_dict({n: p.detach() for n, p in model.named_parameters()}, strict=False, assign=True)
+        if model.args.tie_word_embeddings:
+            plain.lm_head.weight = plain.embed_tokens.weight
+        yield plain
     finally:
-        for m in mods:  # back to FSDP's defaults: the root keeps its parameters after forward, blocks reshard
-            m.set_reshard_after_forward(m is not model, recurse=False)
+        for m in mods:
             m.reshard()
 
 
@@ -405,8 +413,8 @@ def rollout_round(model, tokenizer, problems, prompts, idx: list[int], seeds: li
     (P, G) tensors: reward (with the cutoff), correct (the text as it stands), finished, lengths, limits."""
     G = cfg.samples_per_prompt
     limits = [problems[k].get("limit", cfg.limit) for k in idx]
-    with unsharded(model), torch.no_grad():
-        ro = generate(model, [prompts[k] for k in idx], n=G, max_new_tokens=limits, temperature=cfg.temperature,
+    with unsharded(model) as plain, torch.no_grad():
+        ro = generate(plain, [prompts[k] for k in idx], n=G, max_new_tokens=limits, temperature=cfg.temperature,
                       eos_ids=eos, seed=seeds, max_batch=cfg.rollout_batch)
     lengths, finished = ro.lengths.cpu(), ro.finished.cpu()
     texts, reward, correct = [], [], []

@@ -291,8 +291,8 @@ def check_fsdp(ckpt: str, s: Sizes) -> dict:
         model = shard(load(ckpt, s, torch.float32), s)  # fp32 master weights; the checkpoint's are bf16-exact
         with torch.no_grad():
             got = model(ids).float()
-        with train.unsharded(model):
-            tokens = generate(model, ids.tolist(), **greedy).tokens
+        with train.unsharded(model) as gathered:
+            tokens = generate(gathered, ids.tolist(), **greedy).tokens
         resharded = all(isinstance(p, DTensor) for p in model.parameters())
     finally:
         dist.destroy_process_group()

@@ -90,8 +90,8 @@ def unshard_check(root):
     other waiting forever in an all-gather; here every rank must print its line."""
     d = distributed.init("cpu")
     model = train.load_model(Path(root) / "base", d, trainable=True)
-    with train.unsharded(model), torch.no_grad():
-        ro = train.generate(model, [[4, 10, 11, 5]], n=2, max_new_tokens=3 + 6 * d.rank, eos_ids=(), seed=d.rank)
+    with train.unsharded(model) as plain, torch.no_grad():
+        ro = train.generate(plain, [[4, 10, 11, 5]], n=2, max_new_tokens=3 + 6 * d.rank, eos_ids=(), seed=d.rank)
     model(torch.tensor([[4, 10, 11, 5]])).sum().backward()
     print(f"rank {d.rank} decoded {int(ro.lengths.max())} tokens", flush=True)
 
