@@ -16,10 +16,8 @@ alternating runs). Prints one JSON line per model.
 
 OpenMP's wait policy is left as the environment has it (both sides share it; the JSON says which). The
 default spins between parallel regions, which is fastest on an idle machine; on a machine shared with
-other jobs the spinning threads fight them (with one busy process beside it, a 40M step of ours took
-237 ms, 139 ms with PASSIVE), and OMP_WAIT_POLICY=PASSIVE is the setting to measure with. PASSIVE
-costs each side the same ~20 ms per 40M step in thread wake-ups, so it lowers the ratio (40M, eager,
-back-to-back runs: 2.7x default, 2.4x PASSIVE).
+other jobs the spinning threads fight them, and OMP_WAIT_POLICY=PASSIVE is the setting to measure with
+(bench/README.md has the figures).
 
 The GPU run (skipped cleanly without CUDA) times ours on a DeepSeek-R1-Distill-Qwen-1.5B-shaped model
 in bf16 and compares it with the memory-bandwidth roofline: each decode step must read every weight once
