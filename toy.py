@@ -3,50 +3,28 @@ The embedded task: a synthetic long-thinking problem set, its tokenizer, and a t
 verbose reference traces, saved so that the rest of the pipeline cannot tell it from R1-Distill.
 
     python toy.py                          # builds runs/toy/{base/, data/{train,val,test}.jsonl} if absent,
-                                           # then measures the base on the test set (greedy: accuracy, length,
-                                           # "Wait"s, budget forcing at half its mean length)
+                                           # then measures the base on the test set (greedy)
     python toy.py --out=runs/demo --steps=300 --hidden_size=96    # any ToyConfig field as --key=value
 
-The task. "The path is 6 9 0 2 4 3 5 1 8 7. Start at 0 and take four steps along it. Where do you end?"
--- the ten digits in a random order, a start, and 3 to 9 steps (written as a word) that stay on the
-path; the answer is a digit, near-uniform, so guessing scores about 10%. One step ("three: 0>2.") is one
-retrieval: find the current digit on the path and copy the one after it, which a small transformer
-learns as an induction head. A shortcut exists -- the answer is the digit k places after the start --
-but the SFT'd 3-layer model does not take it: cut its thinking before the last step (budget forcing,
-README) and it scores little above guessing, so the written steps are necessary in practice. The
-number of steps, and so the necessary length, varies with the problem. (The README lists the tasks
-that were tried and dropped.)
+The task: "The path is 6 9 0 2 4 3 5 1 8 7. Start at 0 and take four steps along it. Where do you end?"
+(3 to 9 steps; the answer is a near-uniform digit). One written step ("three: 0>2.") is one retrieval,
+which a small transformer learns as an induction head; the SFT'd model does not take the shortcut (the
+digit k places on), so the written steps are necessary in practice (budget forcing shows it).
 
-The traces (`write_trace`) think the way long-thinking models do: the necessary steps ("three: 0>2.")
-plus wasted tokens, each with a probability in `TraceStyle`: an opening sentence, re-checks of a step
-("Wait, let me check: 0>2. Yes." -- genuinely redundant, they repeat a step's result), a wrong value
-followed by "Wait, that's wrong." and the right one (learnable to skip: write the right value first),
-and a final "Wait, let me verify by redoing it: ..." over the whole chain. Then "</think>", and the
-answer as "**Final Answer:**\n\n$\boxed{5}$": the cue eval.py's budget forcing appends is exactly
-this text, so a forced model is in a familiar place and fails only for want of the steps.
-`minimal_trace` is what a perfectly pruned model would write.
-
-The tokenizer: byte-level BPE (`tokenizers`) learned on traces, problems and train.py's system prompt,
-with every digit its own token as in Qwen's tokenizer. BPE rather than characters because lengths are
-counted in tokens and the prompt carries ThinkPrune's ~400-character system prompt: whole words keep
-prompts and completions short (rollouts are the RL bottleneck), while the arithmetic stays digit by
-digit. Specials: <|pad|> (id 0, what rollout.py pads with), <|bos|>, <|eos|>, <|system|>, <|user|>,
-<|assistant|>; <think> and </think> are single added tokens, not special, as in R1-Distill, so
-decoding with skip_special_tokens keeps them. The chat template ends a generation prompt with
-"<|assistant|><think>\n" like R1-Distill's. Saved as tokenizer.json + tokenizer_config.json
-(chat_template, bos/eos/pad), loadable by AutoTokenizer.
-
-SFT prompts are built by data.build_prompt, the same function RL and evaluation use. Most SFT batches
-have no system turn (build_prompt's limit=None: R1-Distill's native prompt, which evaluation uses);
-a quarter carry train.py's limit system prompt with a random generous limit (400-4000 tokens, more
-than any trace needs). So the limit sentence is familiar text that does not change the output: at the
-start of RL the limit-prompted base behaves like the base, and only the cutoff reward teaches it to
-be short, which is ThinkPrune's claim. The loss covers the assistant part only, EOS included.
-
-Files: {out}/base/ (config.json, model.safetensors via model.save_pretrained, tokenizer files,
-toy_config.json), {out}/data/{train,val,test}.jsonl (rows {id, problem, answer, source}; val and test
-disjoint from train and each other; SFT problems are drawn apart from val and test too), and
-{out}/sft_metrics.jsonl (loss per step).
+Choices:
+- The traces (`write_trace`) waste tokens the way long thinkers do, each with a probability in
+  `TraceStyle`: an opening restatement, re-checks of a step, a wrong value then "Wait, that's wrong.",
+  and a final redo of the chain; then "</think>" and "**Final Answer:**\n\n$\boxed{5}$", exactly the
+  cue budget forcing appends. `minimal_trace` is what a perfectly pruned model would write.
+- The tokenizer is byte-level BPE with every digit its own token (as Qwen's): lengths are counted in
+  tokens and prompts carry ThinkPrune's system prompt, so words should be short. <think> and </think>
+  are added, not special (as in R1-Distill); the chat template ends with "<|assistant|><think>\n".
+- SFT prompts come from data.build_prompt, as in RL and evaluation. A quarter of the batches carry the
+  limit system prompt with a generous random limit, so the limit sentence is familiar text that does not
+  change the output: only the cutoff reward teaches the model to be short, which is ThinkPrune's claim.
+  The loss covers the assistant part, EOS included.
+Files: {out}/base/ (an HF checkpoint dir plus toy_config.json), {out}/data/{train,val,test}.jsonl (val
+and test disjoint from train, from each other and from the SFT problems), {out}/sft_metrics.jsonl.
 """
 
 import json
