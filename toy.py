@@ -23,8 +23,9 @@ Choices:
   limit system prompt with a generous random limit, so the limit sentence is familiar text that does not
   change the output: only the cutoff reward teaches the model to be short, which is ThinkPrune's claim.
   The loss covers the assistant part, EOS included.
-Files: {out}/base/ (an HF checkpoint dir plus toy_config.json), {out}/data/{train,val,test}.jsonl (val
-and test disjoint from train, from each other and from the SFT problems), {out}/sft_metrics.jsonl.
+Files: {out}/base/ (an HF checkpoint dir plus toy_config.json), {out}/data/{train,val,test}.jsonl (rows
+with difficulty = steps and necessary_length = the minimal trace's tokens + EOS; val and test disjoint from
+train, from each other and from the SFT problems), {out}/sft_metrics.jsonl.
 """
 
 import json
@@ -64,7 +65,8 @@ def parse_problem(text: str) -> tuple[dict, int, int]:
 
 def make_problems(n: int, seed: int, min_steps: int = 3, max_steps: int = 9, split: str = "train",
                   exclude: set[str] = frozenset()) -> list[dict]:
-    """n distinct problems (none in `exclude`) as benchmark rows {id, problem, answer, source}."""
+    """n distinct problems (none in `exclude`) as benchmark rows {id, problem, answer, difficulty (the number
+    of steps), source}."""
     rng = random.Random(seed)
     rows, seen = [], set(exclude)
     while len(rows) < n:
@@ -75,7 +77,7 @@ def make_problems(n: int, seed: int, min_steps: int = 3, max_steps: int = 9, spl
             continue
         seen.add(problem)
         rows.append({"id": f"toy-{split}-{len(rows):05d}", "problem": problem, "answer": str(path[i + k]),
-                     "source": f"toy.py:make_problems(seed={seed})"})
+                     "difficulty": k, "source": f"toy.py:make_problems(seed={seed})"})
     return rows
 
 
@@ -215,15 +217,16 @@ def build(cfg: ToyConfig) -> Path:
     val = make_problems(cfg.n_val, cfg.seed + 1, split="val", exclude={r["problem"] for r in test})
     held_out = {r["problem"] for r in test + val}
     train = make_problems(cfg.n_train, cfg.seed, split="train", exclude=held_out)
-    (out / "data").mkdir(parents=True, exist_ok=True)
-    for name, rows in (("train", train), ("val", val), ("test", test)):
-        (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-
     base = out / "base"
     corpus = [write_trace(r["problem"], rng) for r in train[:2000]] + [r["problem"] + " " + INSTRUCTION
                                                                       for r in train[:2000]]
     save_tokenizer(build_tokenizer(corpus + [SYSTEM_PROMPT] * 100, cfg.vocab_size), base)
     tokenizer = AutoTokenizer.from_pretrained(base)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train", train), ("val", val), ("test", test)):
+        for r in rows:  # what a perfectly pruned model writes: the minimal trace and EOS, in tokens
+            r["necessary_length"] = len(tokenizer.encode(minimal_trace(r["problem"]), add_special_tokens=False)) + 1
+        (out / "data" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     args = ModelArgs(vocab_size=len(tokenizer), hidden_size=cfg.hidden_size,
                      intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,

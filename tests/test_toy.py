@@ -123,6 +123,16 @@ def test_tiny_sft_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
     assert [len(splits[k]) for k in ("train", "val", "test")] == [40, 10, 10]
     held_out = {r["problem"] for r in splits["val"] + splits["test"]}
     assert not held_out & {r["problem"] for r in splits["train"]}
+    # difficulty is the number of steps the problem asks for; necessary_length counts the minimal trace's
+    # tokens and EOS: each step writes at least its two digits, ">" and "." (digits are single tokens)
+    rows = splits["train"] + splits["test"]
+    assert all(r["difficulty"] == toy.WORDS.index(r["problem"].split(" take ")[1].split()[0]) for r in rows)
+    assert all(r["necessary_length"] >= 4 * r["difficulty"] + 1 for r in rows)
+    by_k = {}
+    for r in rows:
+        by_k.setdefault(r["difficulty"], []).append(r["necessary_length"])
+    means = [sum(v) / len(v) for _, v in sorted(by_k.items())]
+    assert len(means) >= 3 and means == sorted(means)  # more steps, more necessary tokens
 
     ours = Transformer.from_pretrained(base, device="cpu")
     hf = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
