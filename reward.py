@@ -2,81 +2,215 @@
 
     score(completion, gold, finished) -> float     0 if not finished, else 1 if equivalent, else 0
     extract_answer(text) -> str | None             the final answer a completion gives
-    is_equiv(pred, gold) -> bool                   are two answers the same mathematical answer
-    score_batch(completions, golds, finished)      score() over a list (what train.py calls)
+    is_equiv(pred, gold, timeout=TIMEOUT) -> bool  are two answers the same mathematical answer
 
-How an answer is compared (each rule is pinned by a test in tests/test_reward.py):
-1. Extraction: the last \\boxed{...} (or \\boxed 5, \\fbox{...}) after the last </think>; a completion
-   that gives nothing after it, or that opens <think> itself and never closes it, has no answer.
-   With a prompt that opens thinking (R1's template and the toy's end in "<think>\\n") a completion
-   has no <think>, so one without </think> is read whole (DeepScaleR's reward instead gives 0 when
-   </think> is missing). Fallbacks: "the answer is X" (the last, case ignored), then a short
-   one-line text taken as a bare answer.
-2. Normalisation (strings only): \\dfrac/\\tfrac, \\left/\\right, spacing commands, $, \\text{} (a
-   trailing \\text{...} is a unit and is dropped, a whole-answer \\text{...} is unwrapped), a short list
-   of plain unit words, degrees, %, thousands separators (10,\\!080 and 1{,}000 anywhere, a plain
-   comma only in a number that is the whole answer or follows "x ="), base subscripts (52_8 matches
-   52, not 42: the problem asked for the digits), \\approx and what follows, repeating decimals
-   (1.\\overline{3} -> 4/3), \\frac12 -> \\frac{1}{2}, \\sin^{-1} -> \\arcsin, numpy names
-   (np.arcsin) -> LaTeX, "(C)" -> "C", \\varnothing -> \\emptyset, \\mathbb{R} -> (-\\infty,\\infty).
-3. Structure: a bare list "a, b", a set \\{a, b\\} and a union A \\cup B are compared as multisets
-   (order ignored; a union of sets by their elements); a ± in an element stands for both signs;
-   "(..)"/"[..]" with a comma is a tuple or interval, compared in order with its brackets (open vs
-   closed matters); a matrix is compared entry by entry (an n x 1 or 1 x n matrix equals the tuple
-   of its entries); "x \\in S" is S; "a < x <= b" is the interval (a, b]; "x = 5" is 5 when the left
-   side is a name (x, f(x), f^{-1}(x), m_{max}, \\dot{x}, dx/dt, (x, y)), the name itself is ignored,
-   except when both answers list 2+ values each as "name = value": then a value counts only under
-   its own name (a=1, b=2 is not a=2, b=1); other equations match when both sides match, possibly
-   swapped, or when lhs - rhs agree up to sign.
-4. Leaves: plain numbers (integers, decimals, a/b, \\frac{a}{b}, mixed numbers, 1.5e3, 1.5 \\times
-   10^{3}) are compared exactly as fractions, so a rounded decimal of an exact answer is wrong;
-   words (3+ letters, and "no") are compared as text, case ignored; anything else is parsed by
-   latex2sympy2_extended (a maintained ANTLR LaTeX -> sympy parser; `i` is the imaginary unit,
-   \\gamma a variable, decimals exact fractions) and compared numerically at 30 digits with relative
-   tolerance 1e-20, at four fixed points for its free symbols, one negative and one in (0, 1) (a
-   randomised identity test, so |x| is not x); a difference that simplifies to 0 is the fallback
-   when numbers can't be had.
+Extraction, after the last </think> (a completion that opens <think> and never closes it, or gives
+nothing after it, has no answer; R1's prompt opens thinking, so one without tags is read whole):
+the last \\boxed{} (or \\fbox), joined by the boxes before it that only commas, "and", "or" or
+spacing separate from it: one list, compared whole, so boxing every option is wrong. A later
+"answer is" / "Answer:" / "####" statement in math, or with no box any, gives its formula or sentence.
+Otherwise a short text that is not prose is the answer, and prose gives its last formula or number.
 
-The bound. The parent process never imports sympy: extraction, normalisation, string equality and
-exact numbers run here in microseconds, which is the common case in training. Anything needing sympy
-goes to a worker subprocess (`python reward.py --worker`, a JSON line per request): it bounds its
-own work with SIGALRM (it is single-threaded, so the alarm works there), and the caller, in whatever
-thread, waits at most `timeout` seconds, then kills, reaps and restarts it (that answer is False).
-This holds in threads and under torchrun, where SIGALRM in the caller would not. One worker per
-concurrent caller, at most MAX_WORKERS (callers beyond that queue, and the wait is not counted),
-started on first need (its startup, ~1 s, is waited for once and not counted in the timeout);
-workers exit when their stdin closes and are killed at interpreter exit. Inputs are capped before
-any regex (texts at 1 MB, answers at 1,000 characters for structure and 400 for sympy, bracket
-depth 12, numbers 4,000 digits, exponents 400); past a cap only string equality decides.
+Policies, with the reason (each pinned by a test in tests/test_reward.py; its POLICY lists the
+other graders' verdicts they overrule):
+- Exact values: a decimal equals a fraction only if it is exactly that fraction (0.5 = \\frac12,
+  4.67 != \\frac{14}{3}): a rounded answer to an exact question is a different answer.
+- Undefined values (x/0, a time read as a fraction) never equal anything, not even themselves:
+  a policy must not score by dividing by zero.
+- Units, a trailing \\text{}, "percent" and the %, $ and degree signs are dropped, as graders of
+  these benchmarks do (62.5% is 62.5); X% is also X/100 (62.5% is 0.625), since that is its value;
+  degrees inside a trig function are degrees; h:mm(:ss) is a time.
+- Lists, sets and unions are sets (order and repeats ignored: "1, 2" is "2, 1, 1"), and "and",
+  "or", ";" separate items: the problems ask for all solutions, not an order. (..)/[..] with a
+  comma is an ordered tuple or an interval (ends matter), and a set is not a tuple; a matrix is
+  compared entry by entry (a column or row vector is a tuple).
+- "name = v" is v, for names such as x, f(x), |AB|, V_1:V_2, \\frac{NO}{BO}, (p, q): the problem
+  names the unknown. A chain a = b = c states c; "x \\approx 11" with nothing exact states 11.
+  A function application (\\sin x) is an expression, never a name. Other equations match when
+  lhs - rhs of one is a nonzero constant times that of the other. When both answers list 2+
+  "name = value" items, values pair by name.
+- "a < x <= b" is the interval (a, b]. A decimal comma (1,22) is read only in a completion, against
+  a gold with a decimal point: golds write lists tightly (2,4 is two roots).
+- Expressions are parsed by latex2sympy2_extended (i is the imaginary unit, \\gamma a variable) and
+  compared at 30 digits at four fixed points of their free symbols (one negative, one in (0, 1));
+  beyond 10^5000 only a difference that simplifies to 0 counts.
 
-Simplifications: bare comma lists are unordered (so an ordered triple written without brackets
-matches its permutations); proportional equations (2y = 4x vs y = 2x) do not match; units,
-percent and degree signs are dropped (62.5% matches 62.5, not 0.625; no degrees <-> radians;
-cm^2 matches cm^3); a numeric match at 30 digits is taken as proof; beyond 10^5000 two spellings
-of an exact value are equal only if sympy simplifies their difference to 0 within the bound.
+The bound: the parent process never imports sympy. Strings and exact numbers are decided here;
+anything needing sympy runs in a bounded.Pool worker process, and a comparison that takes more than
+`timeout` seconds is False. Inputs are capped before any regex (texts at 1 MB, answers at 1,000
+characters, sympy leaves at 400, bracket depth 12, numbers 4,000 digits, at most 20 joined boxes);
+past a cap only string equality decides.
 """
-import atexit
-import json
-import os
 import re
-import select
-import subprocess
-import sys
-import threading
-import time
 from fractions import Fraction
 
+import bounded
+
 TIMEOUT = 1.5            # seconds a call may spend on sympy, whatever the input
-STARTUP_TIMEOUT = 60.0   # a worker's imports (sympy, antlr) on a loaded machine
 MAX_TEXT = 1_000_000     # characters of a completion we look at (its end)
 MAX_ANSWER = 1_000       # longer answers are compared as strings only
 MAX_SYMPY = 400          # longer leaves are not handed to the parser
 MAX_DEPTH = 12           # deeper bracket nesting: strings only (the parser's time grows fast)
 MAX_DIGITS = 4_000       # below Python's int/str conversion limit (4,300)
 MAX_EXP = 400            # 10^k with |k| above this is not expanded to an exact fraction
+MAX_BOXES = 20           # a longer run of boxes is not an answer
+
+_SYMPY = bounded.Pool(__file__, preload=("sympy", "latex2sympy2_extended.latex2sympy2"))
+
+
+def score(completion, gold, finished):
+    """ThinkPrune's reward: 0.0 if the completion was cut off, else 1.0 iff its answer is right."""
+    if not finished:
+        return 0.0
+    return float(is_equiv(extract_answer(completion), gold))
+
+
+def is_equiv(pred, gold, timeout=TIMEOUT):
+    """Same mathematical answer? Never raises; returns within `timeout` s (+ a worker start)."""
+    try:
+        if pred is None or gold is None:
+            return False
+        pred, gold = str(pred), str(gold)
+        if _key(pred[:MAX_ANSWER * 4]) == _key(gold[:MAX_ANSWER * 4]) and len(pred) <= MAX_ANSWER * 4:
+            return bool(_key(pred))
+        if max(len(pred), len(gold)) > MAX_ANSWER * 4:
+            return pred.strip() == gold.strip()
+        if _is_percent_of(pred, gold) or _is_percent_of(gold, pred):
+            return True  # 62.5% is 0.625 (and, as a unit dropped, 62.5 below)
+        p, g = normalize(pred), normalize(gold)
+        if max(len(p), len(g)) > MAX_ANSWER or max(_depth(p), _depth(g)) > MAX_DEPTH:
+            return _key(p) == _key(g) != ""
+        try:
+            return _equiv(p, g, _leaf_fast)
+        except _NeedSympy:
+            return _SYMPY.call("_equiv_sympy", [p, g], timeout) is True
+    except Exception:
+        return False
 
 
 # ---------------------------------------------------------------- 1. extraction
+
+def extract_answer(text):
+    """The final answer of a completion (see the module docstring), or None."""
+    if not isinstance(text, str):
+        return None
+    text = text[-MAX_TEXT:]
+    if "</think>" in text:
+        text = text[text.rfind("</think>") + len("</think>"):]
+    elif "<think>" in text:
+        return None  # thinking never closed: no answer was given
+    return _final(_undouble(text))
+
+
+def _undouble(s):
+    """\\\\frac -> \\frac: a string escaped once more (a JSON or code literal) has every command doubled."""
+    return re.sub(r"(?<!\\)\\\\(?=[a-zA-Z]{2,})", r"\\", s) if "\\\\" in s else s
+
+
+_MARK = re.compile(r"(?i)\banswer\b(?:\s*is\b)?\s*:?|####")  # #### 42: GSM8K's marker
+_SEGMENT = re.compile(r"\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\]|\\\(([^\n]+?)\\\)"
+                      r"|(?<!\\)\$((?:[^$\n\\]|\\.)+?)\$")
+_PLAIN_NUMBER = r"(?<![\w.\\{^_])-?\d+(?:[.,]\d+)*(?:\s*/\s*\d+)?%?"
+_MATH = re.compile(_SEGMENT.pattern + "|(" + _PLAIN_NUMBER + ")")
+
+
+def _final(text):
+    """The answer a text gives: its last group of boxes, a later "answer is", else the text itself."""
+    box_end, ans = _boxes(text)
+    tail = text[max(box_end, 0, len(text) - 10_000):]
+    for m in list(_MARK.finditer(tail))[-3:][::-1]:  # the last statement that gives something
+        stated = _statement(tail[m.end():m.end() + MAX_ANSWER])
+        if stated and (box_end < 0 or _words(stated) == 0):
+            return stated  # after a box, only a statement in math, not in words ("it is correct")
+    if box_end >= 0:
+        return ans
+    text = text.strip()
+    if _words(text[-10_000:]) >= 2:  # prose
+        found = _last_math(text[-10_000:])
+        if found or "\n" in text or len(text) > 100:
+            return found
+    return text if 0 < len(text) <= MAX_ANSWER * 4 else None  # a bare answer
+
+
+def _last_math(text):
+    """The last math segment or plain number of a text, or None."""
+    last = None
+    for last in _MATH.finditer(text):
+        pass
+    return next((g.strip() for g in last.groups() if g), None) if last else None
+
+
+def _statement(rest):
+    """What follows "answer is": a display formula that starts it, else the rest of its sentence."""
+    rest = re.sub(r'^[\s:*]*(?:\\?")?', "", rest)  # "answer is: \"$12$\""
+    m = re.match(r"\$\$([\s\S]+?)\$\$|\\\[([\s\S]+?)\\\]", rest)
+    if m:
+        return (m.group(1) or m.group(2)).strip() or None
+    sentence = re.split(r"\n|\.(?=\s|$)", rest, maxsplit=1)[0]
+    sentence = re.sub(r'(?i)i hope it is correct.*|\\?"\s*$', "", sentence).strip(" .:*")
+    m = _SEGMENT.match(sentence)
+    if m and not _MATH.search(sentence[m.end():]):  # "$\\frac12$ cup", but not "$12$ and $13$"
+        return next(g for g in m.groups() if g).strip() or None
+    return _last_math(sentence) if _words(sentence) >= 2 else sentence or None
+
+
+def _words(s):
+    """How many words of 3+ letters s has that are not LaTeX commands (with a word argument:
+    \\begin{array}), \\text{} contents, units, "and" or "or". Two make prose, not an answer."""
+    s = re.sub(_TEXT_CMD + r"\{[^{}]*\}|\\[a-zA-Z]+(?:\{[a-zA-Z* ]*\})?|(?<![a-zA-Z])(?:and|or|"
+               + _UNITS + r")(?![a-zA-Z])", " ", s)
+    return len(re.findall(r"[A-Za-z]{3,}", s))
+
+
+def _boxes(text):
+    """(end of the last box, its group's answer): boxes that only commas, "and", "or" and spacing
+    separate form one list; (-1, None) if there is no box, (end, None) if the last is unusable."""
+    starts = [m.start() for m in re.finditer(r"\\boxed|\\fbox", text)]
+    if not starts:
+        return -1, None
+    items, nxt, last_end = [], None, None
+    for i in reversed(starts[-(MAX_BOXES + 2):]):  # enough to see a run longer than the cap
+        body, end = _box_at(text, i)
+        if last_end is None:
+            last_end = end
+            if body is None:
+                return end, None
+        if body is None or (nxt is not None and end <= nxt and not _connects(text[end:nxt])):
+            break
+        if nxt is not None and end > nxt:  # a box around the box we have: it is the answer
+            items[-1] = body
+        else:
+            items.append(body)
+        nxt = i
+    if len(items) > MAX_BOXES:
+        return last_end, None
+    items = list(dict.fromkeys(b.strip() for b in reversed(items)))  # a repeated box counts once
+    return last_end, ", ".join(items) if all(items) else None
+
+
+def _box_at(text, i):
+    """(content, end) of the box command at text[i], or (None, i + 1) if it does not close."""
+    j = i + (6 if text.startswith("\\boxed", i) else 5)
+    while j < len(text) and text[j] == " ":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        body = _braced(text, j)
+        return (body, j + len(body) + 2) if body is not None else (None, i + 1)
+    m = re.match(r"[^\s$]+", text[j:j + MAX_ANSWER])  # \boxed 5
+    return (m.group(0), j + m.end()) if m else (None, i + 1)
+
+
+def _connects(sep):
+    """Do two boxes this far apart belong to one answer? Only spacing, punctuation, and a few words
+    with "and"/"or" between them ("\\boxed{1} and \\boxed{2}", "\\boxed{3} or x = \\boxed{4}")."""
+    if len(sep) > 60:
+        return False
+    s = re.sub(r"\\text\s*\{([^{}]*)\}", r" \1 ", sep)
+    s = re.sub(r"\$|\\[()\[\]]|\\q?quad|\\[,;:! ]|[~,;.+&=\s]", " ", s)
+    words = s.split()
+    return not words or (len(words) <= 4 and bool({"and", "or"} & set(words))
+                         and not re.search(r"\d", re.sub(r"_\{?\w+\}?", "", s)))  # y_2 is a name
+
 
 def _braced(s, i):
     """Content of the {...} group opening at s[i], or None if it does not close within MAX_ANSWER*4."""
@@ -91,51 +225,80 @@ def _braced(s, i):
     return None
 
 
-def extract_answer(text):
-    """The final answer of a completion (see the module docstring), or None."""
-    if not isinstance(text, str):
-        return None
-    text = text[-MAX_TEXT:]
-    if "</think>" in text:
-        text = text[text.rfind("</think>") + len("</think>"):]
-    elif "<think>" in text:
-        return None  # thinking never closed: no answer was given
-    i = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if i >= 0:
-        j = i + (6 if text.startswith("\\boxed", i) else 5)
-        while j < len(text) and text[j] == " ":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            ans = _braced(text, j)
-        else:  # \boxed 5
-            m = re.match(r"[^\s$]+", text[j:j + MAX_ANSWER])
-            ans = m.group(0) if m else None
-        return ans.strip() or None if ans is not None else None
-    # the last "answer is", case ignored, found in the text itself: lower() can change its length
-    tail = text[-10_000:]
-    ends = [m.end() for m in re.finditer(r"(?i)answer is", tail)]
-    if ends:
-        # rstrip, then a pattern with no leading \s*: linear even on a line of spaces
-        ans = tail[ends[-1]:].split("\n")[0].rstrip()
-        ans = re.sub(r"(?i)i hope it is correct\.?$", "", ans).strip(" :$.")
-        return ans or None
-    text = text.strip()
-    if text and len(text) <= 200 and "\n" not in text:  # a bare answer
-        return text
-    return None
-
-
 # ---------------------------------------------------------------- 2. normalisation
 
 _UNICODE = {"∞": "\\infty", "°": "^\\circ", "−": "-", "×": "\\times", "·": "\\cdot", "π": "\\pi",
-            "√": "\\sqrt", "≤": "\\le ", "≥": "\\ge ", "∪": "\\cup ", "±": "\\pm "}
+            "√": "\\sqrt", "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne ", "∪": "\\cup ", "±": "\\pm ",
+            "€": "", "²": "^2", "³": "^3"}
 _UNITS = (r"(?:square |cubic |sq\.? )?(?:units?|degrees?|cm|mm|km|meters?|metres?|inch(?:es)?|"
-          r"feet|foot|ft|miles?|mph|cents?|dollars?|hours?|minutes?|mins?|seconds?|days?|weeks?|"
-          r"years?|people|students|ways|points)")
-_TEXT_CMD = r"\\(?:text|textbf|textit|textrm|mbox|mathrm|mathbf|mathit|operatorname|boldsymbol)\s*"
-
-
+          r"feet|foot|ft|miles?|mph|cents?|dollars?|yuan|hours?|minutes?|mins?|seconds?|days?|"
+          r"weeks?|years?|people|students|ways|points|percent(?:age)?|pct)")
+_TEXT_CMD = (r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|operatorname|"
+             r"boldsymbol)\s*")
+_FUNCS = (r"arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|cot|sec|csc|ln|log|exp|sqrt|frac|pi|"
+          r"infty|emptyset|cup|cap|in|pm|mp|le|ge|ne|cdot|times|div|binom|lfloor|lceil|max|min|gcd|lcm|"
+          r"lim|sum|int|prod|det")
 _FRAC_SQRT = re.compile(r"\\(frac|sqrt)(?![a-zA-Z])")
+
+
+def normalize(s):
+    """A canonical LaTeX spelling of one answer (string rules only; never raises)."""
+    s = _undouble(str(s)[:MAX_ANSWER * 4].strip())
+    if re.search(r"\\boxed|\\fbox|\$|\\\(|\\\[", s) or _words(s) >= 2:  # a completion, not an answer
+        s = _final(s) or ""
+    for k, v in _UNICODE.items():
+        s = s.replace(k, v)
+    s = re.sub(r"\\[()\[\]]", " ", s)  # \( \) \[ \] around an answer
+    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
+    s = re.sub(r",\s*\\!\s*(?=\d{3})|(?<=\d)\s*\{\s*,\s*\}\s*(?=\d{3})", "", s)  # 10,\!080, 1{,}000
+    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
+    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![a-zA-Z])\.?", "", s)
+    s = re.sub(r"\\(?:displaystyle|textstyle)(?![a-zA-Z])|\\q?quad|(?<!\\)\\[!,;: ]|~", " ", s)
+    # degrees inside a trig function are an angle; elsewhere the sign is dropped
+    s = re.sub(r"(\\?(?:sin|cos|tan|cot|sec|csc)\s*\(?\s*)(\d+(?:\.\d+)?)\s*\^\s*\{?\s*\\circ\s*\}?",
+               r"\1\\frac{\2\\pi}{180}", s)
+    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", s)
+    s = re.sub(r"\\text\s*\{\s*(or|and)\s*\}|(?<![A-Za-z\\])(?:or|and)(?![A-Za-z])", ",", s)
+    # \text{...}: a trailing one after something else is a unit; otherwise unwrap it.
+    rest = re.sub(r"(?:\s*" + _TEXT_CMD + r"\{[^{}]*\}(?:\^\{?\d\}?)?)+\s*$", "", s)
+    if rest.strip() and rest != s:
+        s = rest
+    s = re.sub(_TEXT_CMD + r"\{([^{}]*)\}", r"\1", s)
+    s = re.sub(r"(?<=[\d}\s])\s*" + _UNITS + r"(?:\^\{?\d\}?)?\s*\.?$", "", s)
+    s = re.sub(r"\b(?:np|math|sympy)\.", "", s)
+    s = re.sub(r"(?<![\\a-zA-Z])(arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|cot|sec|csc|ln|"
+               r"log|exp|sqrt|pi|infty)(?![a-zA-Z])", r"\\\1", s)
+    s = re.sub(r"\\(sin|cos|tan)\s*\^\s*\{?\s*-1\s*\}?", r"\\arc\1", s)
+    s = re.sub(r"<=|\\leq?(?:slant)?(?![a-zA-Z])", r"\\le ", s)
+    s = re.sub(r">=|\\geq?(?:slant)?(?![a-zA-Z])", r"\\ge ", s)
+    s = re.sub(r"!=|\\neq?(?![a-zA-Z])", r"\\ne ", s)
+    s = re.sub(r"\\lt(?![a-zA-Z])", "<", s)
+    s = re.sub(r"\\gt(?![a-zA-Z])", ">", s)
+    s = re.sub(r"\\varnothing|\\\{\s*\\\}", r"\\emptyset", s)
+    s = re.sub(r"\\langle(?![a-zA-Z])", "(", re.sub(r"\\rangle(?![a-zA-Z])", ")", s))  # a vector <1, 2>
+    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)")
+    s = _approx(s)
+    s = _fix_args(s)
+    s = re.sub(r"(\d*)\.(\d*)\\overline\{(\d+)\}", _repeating, s)
+    s = re.sub(r"(^|[(\[{,;])\s*\+", r"\1", s)  # +\infty, (2, +3)
+    s = re.sub(r"\s*,\s*(?:,\s*)+", ", ", s)  # "19, 46, and 82": the "and" left an empty item
+    s = re.sub(r"\s+", " ", s).strip().strip(",").rstrip(".\\").strip()
+    m = re.fullmatch(r"((?:%s)\s*=\s*)?(-?[1-9]\d{0,2}(?:(?:,\d{3})+|(?: \d{3})+)(?:\.\d+)?)" % _NAME, s)
+    if m:  # 32,348 or x = 32,348 or 1 000 as a whole answer
+        s = (m.group(1) or "") + re.sub("[, ]", "", m.group(2))
+    s = re.sub(r"^\(([A-E])\)$", r"\1", s)  # a multiple-choice letter
+    return s
+
+
+def _approx(s):
+    """"\\frac23 \\approx 0.67" is its exact value; "x \\approx 11" and "\\approx 8.24" give theirs."""
+    i = s.find("\\approx")
+    if i < 0:
+        return s
+    lhs, rhs = s[:i].strip(), s[i + len("\\approx"):].split("\\approx")[0].strip()
+    if not lhs:
+        return rhs
+    return lhs + " = " + rhs if re.fullmatch(_NAME, lhs) else lhs
 
 
 def _fix_args(s, depth=0):
@@ -179,48 +342,6 @@ def _repeating(m):
     return "\\frac{%d}{%s}" % (num, "9" * len(c) + "0" * len(b))
 
 
-def normalize(s):
-    """A canonical LaTeX spelling of one answer (string rules only; never raises)."""
-    s = str(s)[:MAX_ANSWER * 4].strip()
-    if "\\boxed" in s or "\\fbox" in s:
-        s = extract_answer(s) or ""
-    for k, v in _UNICODE.items():
-        s = s.replace(k, v)
-    s = s.replace("\\$", "").replace("$", "").replace("\\%", "").replace("%", "")
-    s = re.sub(r",\s*\\!\s*(?=\d{3})|(?<=\d)\{,\}(?=\d{3})", "", s)  # 10,\!080 and 1{,}000: thousands
-    s = re.sub(r"\\[dtc]frac", r"\\frac", s)
-    s = re.sub(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|big|Big)(?![a-zA-Z])\.?", "", s)
-    s = re.sub(r"\\(?:displaystyle|textstyle|quad|qquad)(?![a-zA-Z])|(?<!\\)\\[!,;: ]|~", " ", s)
-    s = re.sub(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree", "", s)
-    s = re.sub(r"\\text\{\s*(or|and)\s*\}|(?<=\s)or(?=\s)", ",", s)  # "1 \text{ or } 2" lists
-    # \text{...}: a trailing one after something else is a unit; otherwise unwrap it.
-    rest = re.sub(r"(?:\s*" + _TEXT_CMD + r"\{[^{}]*\}(?:\^\{?\d\}?)?)+\s*$", "", s)
-    if rest.strip() and rest != s:
-        s = rest
-    s = re.sub(_TEXT_CMD + r"\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"(?<=[\d}\s])\s*" + _UNITS + r"(?:\^\{?\d\}?)?\s*$", "", s)
-    s = re.sub(r"\b(?:np|math|sympy)\.", "", s)
-    s = re.sub(r"(?<![\\a-zA-Z])(arcsin|arccos|arctan|sinh|cosh|tanh|sin|cos|tan|cot|sec|csc|ln|"
-               r"log|exp|sqrt|pi|infty)(?![a-zA-Z])", r"\\\1", s)
-    s = re.sub(r"\\(sin|cos|tan)\s*\^\s*\{?\s*-1\s*\}?", r"\\arc\1", s)
-    s = re.sub(r"\\(le|ge)q(?:slant)?(?![a-zA-Z])", r"\\\1", s)
-    s = re.sub(r"\\varnothing|\\\{\s*\\\}", r"\\emptyset", s)
-    s = s.replace("\\mathbb{R}", "(-\\infty,\\infty)")
-    s = re.sub(r"(?<=\S)\s*\\approx.*", "", s)  # "\frac23 \approx 0.67": the exact value is the answer
-    s = re.sub(r"^\s*\\approx", "", s)  # "\approx 8.24": there is no exact value
-    s = re.sub(r"\\(?:lt)(?![a-zA-Z])", "<", s)
-    s = re.sub(r"\\(?:gt)(?![a-zA-Z])", ">", s)
-    s = _fix_args(s)
-    s = re.sub(r"(\d*)\.(\d*)\\overline\{(\d+)\}", _repeating, s)
-    s = re.sub(r"(^|[(\[{,])\s*\+", r"\1", s)  # +\infty, (2, +3)
-    s = re.sub(r"\s+", " ", s).strip().rstrip(".").strip()
-    m = re.fullmatch(r"((?:%s)\s*=\s*)?(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?)" % _NAME, s)
-    if m:  # 32,348 or x = 32,348 as a whole answer
-        s = (m.group(1) or "") + m.group(2).replace(",", "")
-    s = re.sub(r"^\(([A-E])\)$", r"\1", s)  # a multiple-choice letter
-    return s
-
-
 def _key(s):
     return re.sub(r"\s+", "", s)
 
@@ -228,11 +349,13 @@ def _key(s):
 # ---------------------------------------------------------------- 3. structure
 
 _OPEN, _CLOSE = "([{", ")]}"
-_NAME = (r"(?:[A-Za-z]|\\[a-zA-Z]+)(?:_\{[^{}]*\}|_[A-Za-z0-9])?(?:\^\{?-1\}?)?(?:\([^()]*\))?'*"
-         r"|\\d?dot\{[A-Za-z]\}|\\frac\{d\s*[A-Za-z]?\}\{d\s*[A-Za-z]\}")
-
-
-_NAMES = r"\(\s*(?:%s)(?:\s*,\s*(?:%s))*\s*\)" % (_NAME, _NAME)  # (x, y) = (1, 2)
+# a name: x, AB, \alpha, m_{max}, f^{-1}(x), g(x, 2) (not f(2x)), y', \dot{x}, dx/dt, and |AB|, V_1:V_2,
+# \frac{NO}{BO}
+_ARG = r"(?:[A-Za-z]|-?\d+)"
+_ATOM = (r"(?:(?:[A-Za-z]+|\\(?!(?:%s)(?![a-zA-Z]))[a-zA-Z]+)(?:_\{[^{}]*\}|_[A-Za-z0-9])?(?:\^\{?-1\}?)?"
+         r"(?:\(\s*%s(?:\s*,\s*%s)*\s*\))?'*|\\d?dot\{[A-Za-z]\}|\\frac\{d\s*[A-Za-z]?\}\{d\s*[A-Za-z]\})"
+         % (_FUNCS, _ARG, _ARG))
+_NAME = r"%s(?:\s*:\s*%s)?|\|\s*%s\s*\||\\frac\{%s\}\{%s\}|\(\s*%s(?:\s*,\s*%s)*\s*\)" % ((_ATOM,) * 7)
 
 
 def _depth(s):
@@ -278,26 +401,81 @@ def _closes_at_end(s):
     return False
 
 
-def _group(s):
-    """A tuple / interval / matrix as (open, items, close), or None for anything else."""
-    m = re.fullmatch(r"\\begin\{([pbB]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", s, re.S)
-    if m:
-        rows = [[c.strip() for c in r.split("&")] for r in m.group(2).split("\\\\") if r.strip()]
-        if len(rows) == 1 or all(len(r) == 1 for r in rows):  # a vector is a tuple
-            return "(", [c for r in rows for c in r], ")"
-        return "M", [("[", r, "]") for r in rows], "M"
-    if re.match(r"[A-Za-z][(\[]", s) and s[1] + s[-1] in ("(]", "[)"):
-        s = s[1:]  # "t(0,4]": a half-open interval cannot be a function call, the t is a stray name
-    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _closes_at_end(s):
-        items = _split(s[1:-1], [","])
-        if len(items) >= 2:
-            return s[0], items, s[-1]
+def _equiv(p, g, leaf):
+    if not p or not g:
+        return False
+    if _key(p) == _key(g):
+        return True
+    np_, ng = _named(p), _named(g)
+    if np_ and ng:  # both sides name their values (a=1, b=2 vs a=2, b=1): names must pair too
+        return _multiset_equal(np_, ng, lambda x, y: x[0] == y[0] and _equiv_one(x[1], y[1], leaf))
+    if np_ or ng:  # x = 2, y = 3 against a tuple (or (x, y) = a tuple): the pair (2, 3)
+        other = g if np_ else p
+        other = _value(_sides(other)) or other
+        if _group(other) and _equiv_one("(%s)" % ",".join(v for _, v in np_ or ng), other, leaf):
+            return True
+    ps, gs = _elements(p), _elements(g)  # a list is the set of its items: a repeat counts once
+    ps, gs = list({_key(e): e for e in ps}.values()), list({_key(e): e for e in gs}.values())
+    if len(ps) == 1 and len(gs) == 1:
+        return _equiv_one(ps[0], gs[0], leaf)
+    if _multiset_equal(ps, gs, lambda x, y: _equiv_one(x, y, leaf)):
+        return True
+    # 1,22 against a gold of 1.22: a decimal comma; in a gold, 2,4 is a list (two roots)
+    m = re.fullmatch(r"(-?\d+),(\d+)", p)
+    return bool(m and "." in g and len(gs) == 1 and _equiv_one("%s.%s" % m.groups(), g, leaf))
+
+
+def _named(s):
+    """[(name, value), ...] if s lists 2+ elements, each "name = value"; else None."""
+    pairs = [_split(e, ["="]) for e in _split(s, [",", ";"])]
+    if len(pairs) >= 2 and all(len(q) == 2 and re.fullmatch(_NAME, q[0]) for q in pairs):
+        return [(re.sub(r"[\s{}]", "", q[0]), q[1]) for q in pairs]  # a_{3} is a_3
     return None
 
 
+def _elements(s):
+    """The answers a string lists: split at top-level \\cup, a set's braces dropped (so a union of
+    sets lists their elements), split at top-level , and ; (only ; if both: "p=5,q=2; p=7,q=2");
+    "p=5, q=2" becomes the tuple (5,2), "x \\in" is dropped, inequalities become intervals, and ±
+    is expanded into both signs."""
+    out = []
+    for part in _split(s, ["\\cup"]):
+        part = re.sub(r"^(?:%s)\s*\\in\s*" % _NAME, "", part)  # x \in S is S
+        part = re.sub(r"^\\\{\s*(?:%s)\s*(?:\\mid|\||:)\s*(.+)\\\}$" % _NAME, r"\1", part)  # \{x | x > 0\}
+        # a part is a set only if its brace closes at its very end: \{1\} \cup \{2\} is two sets
+        if part.startswith("\\{") and part.endswith("\\}") and _closes_at_end(part[1:]):
+            part = part[2:-2]
+        elif part.startswith("{") and _closes_at_end(part) and len(_split(part[1:-1], [","])) > 1:
+            part = part[1:-1]
+        seps = [";"] if len(_split(part, [";"])) > 1 and len(_split(part, [","])) > 1 else [",", ";"]
+        for e in _split(part, seps):
+            named = _named(e)
+            if named:
+                e = "(" + ",".join(v for _, v in named) + ")"
+            e = _inequality(re.sub(r"^(?:" + _NAME + r")\s*\\in\s*", "", e))
+            signs = re.findall(r"\\pm|\\mp", e)
+            if 0 < len(signs) <= 4:
+                variants = [e]
+                for _ in signs:
+                    variants = [v.replace(p, q, 1) for v in variants
+                                for p in re.findall(r"\\pm|\\mp", v)[:1] for q in "+-"]
+                out.extend(variants)
+            else:
+                out.append(e)
+    return out
+
+
 def _inequality(s):
-    """a < x <= b -> (a,b]; x >= a -> [a,\\infty); a > x -> (-\\infty,a); anything else unchanged."""
-    parts = re.split(r"\s*(<|>|\\le|\\ge)(?![a-zA-Z])\s*", s)
+    """a < x <= b -> (a,b]; x >= a -> [a,\\infty); -x > -1 -> (-\\infty,1); else unchanged."""
+    parts = re.split(r"\s*(<|>|\\le(?![a-zA-Z])|\\ge(?![a-zA-Z]))\s*", s)
+    if len(parts) == 3:  # -x > -1 is x < 1
+        for k in (0, 2):
+            if parts[k].startswith("-") and re.fullmatch(_NAME, parts[k][1:].strip()):
+                o = parts[2 - k]
+                parts[2 - k] = o[1:] if re.fullmatch(r"-[\d.]+", o) else "-(%s)" % o
+                parts[k] = parts[k][1:].strip()
+                parts[1] = {"<": ">", ">": "<", "\\le": "\\ge", "\\ge": "\\le"}[parts[1]]
+                break
     up = [op in ("<", "\\le") for op in parts[1::2]]
     closed = [op in ("\\le", "\\ge") for op in parts[1::2]]
     name = [re.fullmatch(_NAME, p) is not None for p in parts[::2]]
@@ -311,40 +489,6 @@ def _inequality(s):
             return "(-\\infty," + bound + ")]" [closed[0]]
         return "([" [closed[0]] + bound + ",\\infty)"
     return s
-
-
-def _elements(s):
-    """The answers a string lists: split at top-level \\cup, a set's braces dropped (so a union of
-    sets lists their elements), split at top-level , ; each element stripped of "x \\in" and
-    "name =", inequalities made intervals, ± expanded into both signs."""
-    # a part is a set only if its \{ closes at its very end: \{1\} \cup \{2\} is two sets, not one
-    parts = [p[2:-2] if p.startswith("\\{") and p.endswith("\\}") and _closes_at_end(p[1:]) else p
-             for p in _split(s, ["\\cup"])]
-    out = []
-    for e in (e for p in parts for e in _split(p, [",", ";"])):
-        e = re.sub(r"^(?:" + _NAME + r")\s*\\in\s*", "", e)
-        e = _inequality(e)
-        sides = _split(e, ["="])
-        if len(sides) == 2 and (re.fullmatch(_NAME, sides[0]) or re.fullmatch(_NAMES, sides[0])):
-            e = sides[1]
-        signs = re.findall(r"\\pm|\\mp", e)
-        if 0 < len(signs) <= 4:
-            variants = [e]
-            for _ in signs:
-                variants = [v.replace(p, q, 1) for v in variants
-                            for p in re.findall(r"\\pm|\\mp", v)[:1] for q in "+-"]
-            out.extend(variants)
-        else:
-            out.append(e)
-    return out
-
-
-def _named(s):
-    """[(name, value), ...] if s lists 2+ elements, each "name = value" with a simple name; else None."""
-    pairs = [_split(e, ["="]) for e in _split(s, [",", ";"])]
-    if len(pairs) >= 2 and all(len(q) == 2 and re.fullmatch(_NAME, q[0]) for q in pairs):
-        return [(_key(q[0]), q[1]) for q in pairs]
-    return None
 
 
 def _multiset_equal(xs, ys, same):
@@ -361,20 +505,6 @@ def _multiset_equal(xs, ys, same):
     return True
 
 
-def _equiv(p, g, leaf):
-    if not p or not g:
-        return False
-    if _key(p) == _key(g):
-        return True
-    np_, ng = _named(p), _named(g)
-    if np_ and ng:  # both sides name their values (a=1, b=2 vs a=2, b=1): names must pair too
-        return _multiset_equal(np_, ng, lambda x, y: x[0] == y[0] and _equiv_one(x[1], y[1], leaf))
-    ps, gs = _elements(p), _elements(g)
-    if len(ps) == 1 and len(gs) == 1:
-        return _equiv_one(ps[0], gs[0], leaf)
-    return _multiset_equal(ps, gs, lambda x, y: _equiv_one(x, y, leaf))
-
-
 def _equiv_one(a, b, leaf):
     if isinstance(a, tuple) or isinstance(b, tuple):  # rows of a matrix
         return isinstance(a, tuple) and isinstance(b, tuple) and _groups_equal(a, b, leaf)
@@ -382,20 +512,61 @@ def _equiv_one(a, b, leaf):
         return False
     if _key(a) == _key(b):
         return True
+    ea, eb = _sides(a), _sides(b)
+    va, vb = _value(ea), _value(eb)
+    if va is not None and vb is not None:  # x = 5 and y = 5: a name is the problem's, its value the answer
+        if _equiv_one(va, vb, leaf):
+            return True
+        if not re.search(r"[A-Za-z]", va + vb):
+            return False  # x = 5 and y = 6 cannot be scaled equations
+    if len(ea) == 2 and len(eb) == 2:  # equations: same sides, swapped, or scaled
+        return (_equiv_one(ea[0], eb[0], leaf) and _equiv_one(ea[1], eb[1], leaf)) or \
+            (_equiv_one(ea[0], eb[1], leaf) and _equiv_one(ea[1], eb[0], leaf)) or \
+            leaf("%s-(%s)" % tuple(ea), "%s-(%s)" % tuple(eb), scaled=True)
+    if len(ea) == 2 or len(eb) == 2:  # an equation against a value: only a named value can match
+        return (va is not None and _equiv_one(va, b, leaf)) or (vb is not None and _equiv_one(a, vb, leaf))
     ga, gb = _group(a), _group(b)
     if ga and gb:
         return _groups_equal(ga, gb, leaf)
     if ga or gb:  # a group against a non-group: only a scaled matrix can still match
         return "\\begin" in a + b and leaf(a, b)
-    ea, eb = _split(a, ["="]), _split(b, ["="])
-    if len(ea) == 2 and len(eb) == 2:
-        return (_equiv_one(ea[0], eb[0], leaf) and _equiv_one(ea[1], eb[1], leaf)) or \
-            (_equiv_one(ea[0], eb[1], leaf) and _equiv_one(ea[1], eb[0], leaf)) or \
-            leaf("%s-(%s)" % tuple(ea), "%s-(%s)" % tuple(eb)) or \
-            leaf("%s-(%s)" % tuple(ea), "%s-(%s)" % (eb[1], eb[0]))
-    if len(ea) != 1 or len(eb) != 1:
-        return False
     return leaf(a, b)
+
+
+def _sides(s):
+    """[lhs, rhs] of an equation (a chain a = b = c is [a, c]: it ends at its answer), else [s]."""
+    sides = _split(s, ["="])
+    return [sides[0], sides[-1]] if len(sides) > 1 and all(sides) else [s]
+
+
+def _value(sides):
+    """The value an equation states: its rhs if the lhs is a name, or if both sides are numbers
+    (5+5+1 = 11); None for other equations and for non-equations."""
+    if len(sides) != 2:
+        return None
+    lhs, rhs = sides
+    constant = not re.search(r"[A-Za-z]", re.sub(r"\\(?:%s)(?![a-zA-Z])" % _FUNCS, "", lhs + rhs))
+    return rhs if constant or re.fullmatch(_NAME, lhs) else None
+
+
+def _group(s):
+    """A tuple / interval / matrix as (open, items, close), or None for anything else."""
+    m = re.fullmatch(r"[(\[]?\s*\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?"
+                     r"((?:(?!\\end\{).)*)\\end\{\1\}\s*[)\]]?", s, re.S)  # [\begin{array}..\end{array}]
+    if m:
+        rows = [[c.strip() for c in r.split("&")] for r in m.group(2).split("\\\\") if r.strip()]
+        if len(rows) == 1 or all(len(r) == 1 for r in rows):  # a vector is a tuple
+            return "(", [c for r in rows for c in r], ")"
+        return "M", [("[", r, "]") for r in rows], "M"
+    if re.match(r"[A-Za-z][(\[]", s) and s[1] + s[-1] in ("(]", "[)"):
+        s = s[1:]  # "t(0,4]": a half-open interval cannot be a function call, the t is a stray name
+    if len(s) >= 2 and s[0] in "([" and s[-1] in ")]" and _closes_at_end(s):
+        items = _split(s[1:-1], [","])
+        if len(items) == 1:  # (0;0;6)
+            items = _split(s[1:-1], [";"])
+        if len(items) >= 2:
+            return s[0], items, s[-1]
+    return None
 
 
 def _groups_equal(ga, gb, leaf):
@@ -407,13 +578,63 @@ def _groups_equal(ga, gb, leaf):
 # ---------------------------------------------------------------- 4. leaves
 
 _NUM = r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)"  # unambiguous: no quadratic backtracking
+_BASE = re.compile(r"(-?[0-9A-Z]+)_\{?(\d+)\}?")
+_TIME = re.compile(r"(\d{1,2}):(\d\d)(?::(\d\d))?")
+
+
+class _NeedSympy(Exception):
+    pass
+
+
+def _leaf_fast(a, b, scaled=False):
+    """Decide a leaf without sympy, or raise _NeedSympy."""
+    a, b = a.lstrip("+"), b.lstrip("+")
+    if _key(a) == _key(b):
+        return not scaled or bool(re.search(r"[A-Za-z]", a))  # "x-(1)" is an equation, "3-(3)" is not
+    if scaled:
+        raise _NeedSympy
+    ba, bb = _BASE.fullmatch(a), _BASE.fullmatch(b)
+    if ba or bb:  # 52_8: a numeral in base 8; against a bare numeral, the digits are what was asked
+        if ba and bb:
+            return ba.groups() == bb.groups()
+        return (ba or bb).group(1) == (b if ba else a)
+    if ":" in a + b:  # times (20:34 = 20:34:00) and ratios (2:4 = 1:2); never a division by 0
+        ta, tb = _TIME.fullmatch(a), _TIME.fullmatch(b)
+        if ta and tb:
+            return [int(x or 0) for x in ta.groups()] == [int(x or 0) for x in tb.groups()]
+        v = [_number(x) for x in _split(a, [":"]) + _split(b, [":"])]
+        if len(v) == 4 and None not in v and not (ta or tb):
+            return v[0] * v[3] == v[1] * v[2] and v[1] * v[3] != 0
+        return False
+    if _is_word(a) or _is_word(b):
+        return _key(a).lower() == _key(b).lower()
+    x, y = _number(a), _number(b)
+    if x is not None and y is not None:
+        return x == y
+    raise _NeedSympy
+
+
+def _is_percent_of(a, b):
+    """Is a "X%" (or "X percent") and b the plain number X/100?"""
+    m = re.fullmatch(r"\s*\$?\s*(-?\d+(?:\.\d+)?)\s*(?:\\?%|\\text\{\s*\\?%\s*\}|percent)\s*\$?\s*", a)
+    return bool(m) and _number(normalize(b)) == Fraction(m.group(1)) / 100
+
+
+def _is_word(s):
+    return re.fullmatch(r"[A-Za-z][A-Za-z ]{2,}|[Nn][Oo]", s) is not None  # not "mn": a product
 
 
 def _number(s):
-    """An exact Fraction for a plain number (see the docstring), else None."""
-    s = s.replace(" ", "")
+    """An exact Fraction for a plain number (integers, decimals, a/b, \\frac{a}{b}, mixed numbers,
+    1.5e3, 1.5 \\times 10^{3}), else None."""
     if len(s) > MAX_DIGITS:
         return None
+    m = re.fullmatch(r"\s*(\d+)\s+(\d+)\s*/\s*(\d+)\s*", s)
+    if m and int(m.group(3)):  # 1 1/2
+        return int(m.group(1)) + Fraction(int(m.group(2)), int(m.group(3)))
+    if re.search(r"\d\s+\d", s):
+        return None  # "2 3" is not 23
+    s = s.replace(" ", "")
     try:
         m = re.fullmatch(r"(%s)(?:[eE]([+-]?\d+)|(?:\\times|\\cdot)10\^\{?([+-]?\d+)\}?)?" % _NUM, s)
         if m:
@@ -434,58 +655,34 @@ def _number(s):
     return None
 
 
-def _is_word(s):
-    return re.fullmatch(r"[A-Za-z][A-Za-z ]{2,}|[Nn][Oo]", s) is not None  # not "mn": a product
+def _equiv_sympy(p, g):
+    """_equiv with sympy leaves: what the worker runs (bounded.Pool calls it by name)."""
+    return _equiv(p, g, _leaf_sympy)
 
 
-class _NeedSympy(Exception):
-    pass
-
-
-_BASE = re.compile(r"(-?[0-9A-Z]+)_\{?(\d+)\}?")
-
-
-def _leaf_fast(a, b):
-    """Decide a leaf without sympy, or raise _NeedSympy."""
-    a, b = a.lstrip("+"), b.lstrip("+")
-    if _key(a) == _key(b):
-        return True
-    ba, bb = _BASE.fullmatch(a), _BASE.fullmatch(b)
-    if ba or bb:  # 52_8: a numeral in base 8; against a bare numeral, the digits are what was asked
-        if ba and bb:
-            return ba.groups() == bb.groups()
-        return (ba or bb).group(1) == (b if ba else a)
-    if _is_word(a) or _is_word(b):
-        return _key(a).lower() == _key(b).lower()
-    x, y = _number(a), _number(b)
-    if x is not None and y is not None:
-        return x == y
-    raise _NeedSympy
-
-
-def _leaf_sympy(a, b):
+def _leaf_sympy(a, b, scaled=False):
     """_leaf_fast, else parse both with latex2sympy2_extended and compare numerically."""
     try:
-        return _leaf_fast(a, b)
+        return _leaf_fast(a, b, scaled)
     except _NeedSympy:
         pass
     if max(len(a), len(b)) > MAX_SYMPY:
         return False
-    x, y = _parse(a.lstrip("+")), _parse(b.lstrip("+"))
-    if x is None or y is None:
-        return False
     import sympy
-    if x == y:
+    x, y = _parse(a.lstrip("+")), _parse(b.lstrip("+"))
+    if x is None or y is None or any(e.has(sympy.zoo, sympy.nan) for e in (x, y)):
+        return False  # unparsed, or undefined: never equal
+    if x == y and not scaled:
         return True
     mx, my = [getattr(v, "is_Matrix", False) for v in (x, y)]
     if mx or my:
-        if not (mx and my):
+        if not (mx and my) or scaled:
             return False
         x, y = sympy.Matrix(x.doit()), sympy.Matrix(y.doit())
         return x.shape == y.shape and all(_expr_equal(u, v) for u, v in zip(x, y))
     if not (isinstance(x, sympy.Expr) and isinstance(y, sympy.Expr)):
         return False  # sets, relations, ... that the rules above did not take apart
-    return _expr_equal(x, y)
+    return _proportional(x, y) if scaled else _expr_equal(x, y)
 
 
 def _parse(s):
@@ -501,20 +698,34 @@ def _parse(s):
                         conversion_config=ConversionConfig(lowercase_symbols=False))
     except Exception:
         return None
-    if isinstance(e, sympy.Basic) and sympy.Symbol("i") in e.free_symbols:
+    if not hasattr(e, "has"):
+        return None  # a list, a tuple: nothing the rules above did not already take apart
+    if sympy.Symbol("i") in e.free_symbols:
         e = e.xreplace({sympy.Symbol("i"): sympy.I})  # in an answer, i is the imaginary unit
     return e
 
 
-def _expr_equal(x, y):
-    """Equal at 30 digits (rel. 1e-20) at 4 fixed points of the free symbols; else simplify(x-y)."""
+def _points(x, y):
+    """Four fixed points for the free symbols of x and y. Each symbol takes a negative value and one
+    in (0, 1), so x and |x|, \\sqrt{x^2}, \\max(x, 0) part, and larger ones of different sizes, so
+    floor(m/2) and floor(m/3) part; the symbols take them in different orders, so that the points
+    are not on one line (where x - 2y + z would be constant). One empty point if there are no symbols."""
     import sympy
     syms = sorted(x.free_symbols | y.free_symbols, key=str)
-    # a negative point and one in (0, 1), so x and |x|, \sqrt{x^2}, \max(x, 0) part; larger ones of
-    # different sizes, so floor(m/2) and floor(m/3) part; distinct per symbol
     scales = [sympy.Rational(n, d) for n, d in ((-13, 11), (3, 7), (101, 9), (257, 13))]
-    points = [{s: scales[k] + sympy.Rational(j, 7) for j, s in enumerate(syms)}
-              for k in range(len(scales) if syms else 1)]
+    return [{s: scales[(k + j) % 4] + sympy.Rational(j, 7) for j, s in enumerate(syms)}
+            for k in range(len(scales) if syms else 1)], bool(syms)
+
+
+def _finite(*values):
+    import sympy
+    return all(v.is_number and not v.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan) for v in values)
+
+
+def _expr_equal(x, y):
+    """Equal at 30 digits (rel. 1e-20) at the fixed points; else simplify(x - y) == 0."""
+    import sympy
+    points, has_syms = _points(x, y)
     seen = 0
     for pt in points:
         try:
@@ -523,10 +734,10 @@ def _expr_equal(x, y):
             continue
         if not (u.is_number and v.is_number):
             continue
-        if any(w.has(sympy.oo, -sympy.oo, sympy.zoo, sympy.nan) for w in (u, v)):
-            if syms:
+        if not _finite(u, v):
+            if has_syms:
                 continue  # a pole of one point says nothing
-            return u == v
+            return u == v and not u.has(sympy.zoo, sympy.nan)  # oo = oo; an undefined value never
         d, m = abs(sympy.N(u - v, 30)), max(abs(u), abs(v))
         if not (d.is_number and m.is_number):
             continue
@@ -549,159 +760,23 @@ def _expr_equal(x, y):
         return False
 
 
-# ---------------------------------------------------------------- 5. the bound: worker processes
-
-class _Worker:
-    """One `python reward.py --worker` child; a request is a JSON line, the answer "1" or "0"."""
-
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL, close_fds=True)
-        self.ready = False
-
-    def _readline(self, deadline):
-        buf = b""
-        fd = self.proc.stdout.fileno()
-        while not buf.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            chunk = os.read(fd, 64)
-            if not chunk:
-                return None  # the worker died
-            buf += chunk
-        return buf.decode().strip()
-
-    def ask(self, p, g, timeout):
-        """True/False, or None if the worker failed to answer in time (it is then dead)."""
+def _proportional(x, y):
+    """Is x = c * y for a constant c != 0 at every fixed point (lhs - rhs of two scaled equations)?"""
+    import sympy
+    points, has_syms = _points(x, y)
+    ratio = None
+    for pt in points if has_syms else []:
         try:
-            if not self.ready:
-                self.ready = self._readline(time.monotonic() + STARTUP_TIMEOUT) == "ready"
-                if not self.ready:
-                    return None
-            self.proc.stdin.write((json.dumps([p, g, timeout]) + "\n").encode())
-            self.proc.stdin.flush()
-            line = self._readline(time.monotonic() + timeout)
-        except OSError:
-            line = None
-        return None if line not in ("0", "1") else line == "1"
-
-    def kill(self):
-        try:
-            self.proc.kill()
-            self.proc.wait(timeout=5)  # reap: no zombies
+            u, v = sympy.N(x.evalf(30, subs=pt), 30), sympy.N(y.evalf(30, subs=pt), 30)
         except Exception:
-            pass
-        for f in (self.proc.stdin, self.proc.stdout):
-            try:
-                f.close()
-            except Exception:
-                pass
-
-
-MAX_WORKERS = max(1, min(4, os.cpu_count() or 1))  # more callers than this queue for a worker
-_idle, _all, _lock = [], [], threading.Lock()
-_slots = threading.BoundedSemaphore(MAX_WORKERS)
-_broken = []  # set when a worker could not even start (e.g. latex2sympy2_extended missing)
-
-
-def _ask_worker(p, g, timeout):
-    if _broken:
-        return False
-    with _slots:
-        return _ask_worker_slot(p, g, timeout)
-
-
-def _ask_worker_slot(p, g, timeout):
-    with _lock:
-        w = _idle.pop() if _idle else None
-        if w is None:
-            w = _Worker()
-            _all.append(w)
-    ok = w.ask(p, g, timeout)
-    with _lock:
-        if not w.ready:
-            _broken.append(w)
-            print("reward.py: the sympy worker did not start; hard comparisons count as wrong",
-                  file=sys.stderr)
-        if ok is None:  # too slow or dead: kill it and start a fresh one now, so it is warm next time
-            w.kill()
-            _all.remove(w)
-            w = _Worker()
-            _all.append(w)
-        _idle.append(w)
-    return bool(ok)
-
-
-@atexit.register
-def _shutdown():
-    with _lock:
-        for w in _all:
-            w.kill()
-        _all.clear()
-        _idle.clear()
-
-
-def _serve():
-    """The worker loop: each request runs under its own SIGALRM budget (we are the main thread)."""
-    import signal
-    sys.setrecursionlimit(10_000)
-    import sympy  # noqa: F401  (pay the imports before saying ready)
-    import latex2sympy2_extended.latex2sympy2  # noqa: F401
-
-    def alarm(*_):
-        raise TimeoutError
-    signal.signal(signal.SIGALRM, alarm)
-    print("ready", flush=True)
-    for line in sys.stdin:
-        ok = False
-        try:
-            p, g, timeout = json.loads(line)
-            # repeating, in case a library swallows the first TimeoutError in an `except Exception`
-            signal.setitimer(signal.ITIMER_REAL, 0.8 * timeout, 0.05)
-            ok = _equiv(p, g, _leaf_sympy)
-        except BaseException:
-            ok = False
-        finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-        print("1" if ok else "0", flush=True)
-
-
-# ---------------------------------------------------------------- 6. the public functions
-
-def is_equiv(pred, gold, timeout=TIMEOUT):
-    """Same mathematical answer? Never raises; returns within `timeout` s (+ a worker start)."""
-    try:
-        if pred is None or gold is None:
             return False
-        pred, gold = str(pred), str(gold)
-        if _key(pred[:MAX_ANSWER * 4]) == _key(gold[:MAX_ANSWER * 4]) and len(pred) <= MAX_ANSWER * 4:
-            return bool(_key(pred))
-        if max(len(pred), len(gold)) > MAX_ANSWER:
-            return pred.strip() == gold.strip()
-        p, g = normalize(pred), normalize(gold)
-        if max(_depth(p), _depth(g)) > MAX_DEPTH:
-            return _key(p) == _key(g) != ""
-        try:
-            return _equiv(p, g, _leaf_fast)
-        except _NeedSympy:
-            return _ask_worker(p, g, timeout)
-    except Exception:
-        return False
-
-
-def score(completion, gold, finished):
-    """ThinkPrune's reward: 0.0 if the completion was cut off, else 1.0 iff its answer is right."""
-    if not finished:
-        return 0.0
-    return float(is_equiv(extract_answer(completion), gold))
-
-
-def score_batch(completions, golds, finished):
-    """score() for each (completion, gold, finished) triple, as a list of floats."""
-    return [score(c, g, f) for c, g, f in zip(completions, golds, finished)]
-
-
-if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
-    _serve()
+        if not _finite(u, v) or (u == 0) != (v == 0):
+            return False
+        if u == 0:
+            continue
+        r = u / v
+        if ratio is None:
+            ratio = r
+        elif abs(r - ratio) > 1e-20 * abs(ratio):
+            return False
+    return ratio is not None
