@@ -178,6 +178,85 @@ def demo_report(cfg, state, base, pruned, direct, forcing, seconds: dict, wall: 
     return summary
 
 
+# ---- the sweep --------------------------------------------------------------------------------------------
+
+def sweep_report(summary: dict, out: Path):
+    """report.json (the summary), report.md, pareto.png and by_difficulty.png of sweep.py in `out`."""
+    out, runs = Path(out), summary["runs"]
+    groups = {}  # (limit, method) -> its runs, one per seed
+    for r in runs:
+        groups.setdefault((r["limit"], r["method"]), []).append(r)
+
+    def mean_sd(rs, key):
+        xs = [r[key] for r in rs]
+        m = sum(xs) / len(xs)
+        return m, (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+
+    rows = []
+    for (L, m), rs in sorted(groups.items()):
+        (a, sa), (n, sn), (w, _) = mean_sd(rs, "accuracy"), mean_sd(rs, "mean_length"), mean_sd(rs, "wait_per_completion")
+        rows.append([L, m, len(rs), f"{100 * a:.1f} ± {100 * sa:.1f}", f"{n:.1f} ± {sn:.1f}", f"{w:.2f}"])
+    base = summary["base"]
+    md = [f"# Length-control sweep (commit {summary['commit']}, {summary['seconds']:.0f} s)", "",
+          f"Base: {pct(base['accuracy'])}% at {base['mean_length']:.1f} tokens. Test accuracy and mean length: "
+          "mean ± standard deviation over seeds.", "",
+          md_table(["limit", "method", "seeds", "accuracy (%)", "mean length", "Wait / completion"], rows), "",
+          "## Budget forcing of the base", "",
+          md_table(["B", "accuracy (%)", "mean length"],
+                   [[p["budget"], pct(p["accuracy"]), f"{p['mean_length']:.1f}"] for p in summary["budget_forcing"]]),
+          "", "## Claims", "",
+          md_table(["claim", "held", "detail"], [[c["claim"], "yes" if c["held"] else "no", c["detail"]]
+                                                 for c in summary["claims"]]),
+          "", "![accuracy vs length](pareto.png)", "", "![accuracy by difficulty](by_difficulty.png)", ""]
+    plot_pareto(groups, base, summary["budget_forcing"], out / "pareto.png")
+    plot_by_difficulty(groups, base, out / "by_difficulty.png")
+    write_json(out / "report.json", summary)
+    write_text(out / "report.md", "\n".join(md))
+
+
+def plot_pareto(groups: dict, base: dict, forcing: list[dict], path: Path):
+    """Test accuracy against mean length: a point per (method, limit) with seed standard deviations as
+    error bars, the base, and the budget-forcing curve of the base."""
+    fig, ax = _plt().subplots(figsize=(7, 5))
+    methods = sorted({m for _, m in groups})
+    markers = "osD^v<>"
+    limits = sorted({L for L, _ in groups})
+    for (L, m), rs in sorted(groups.items()):
+        xs, ys = [r["mean_length"] for r in rs], [100 * r["accuracy"] for r in rs]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        sx = (sum((x - mx) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+        sy = (sum((y - my) ** 2 for y in ys) / (len(ys) - 1)) ** 0.5 if len(ys) > 1 else 0.0
+        ax.errorbar(mx, my, xerr=sx, yerr=sy, fmt=markers[limits.index(L) % len(markers)],
+                    color=f"C{methods.index(m)}", capsize=3, label=f"{m} (L={L})")
+    ax.plot([base["mean_length"]], [100 * base["accuracy"]], "k*", ms=12, label="base")
+    if forcing:
+        ax.plot([p["mean_length"] for p in forcing], [100 * p["accuracy"] for p in forcing], "kx--", label="budget forcing (base)")
+    ax.set_xlabel("mean length (tokens)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+
+
+def plot_by_difficulty(groups: dict, base: dict, path: Path):
+    """Accuracy by difficulty for each method (mean over seeds), one panel per final limit, and the base."""
+    limits = sorted({L for L, _ in groups})
+    fig, axes = _plt().subplots(1, len(limits), figsize=(5 * len(limits), 4), squeeze=False)
+    for ax, L in zip(axes[0], limits):
+        ks = sorted(base["by_difficulty"], key=int)
+        ax.plot([int(k) for k in ks], [100 * base["by_difficulty"][k] for k in ks], "k*--", label="base")
+        for i, m in enumerate(sorted({m for L2, m in groups if L2 == L})):
+            rs = groups[(L, m)]
+            ax.plot([int(k) for k in ks], [100 * sum(r["by_difficulty"].get(k, 0) for r in rs) / len(rs) for k in ks],
+                    "o-", color=f"C{i}", label=m)
+        ax.set_title(f"final limit {L}")
+        ax.set_xlabel("difficulty (steps)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    _save(fig, path)
+
+
 # ---- plots ------------------------------------------------------------------------------------------------
 
 def _plt():
