@@ -32,6 +32,7 @@ import re
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 import distributed
+from checkpoint import lock
 from config import check, load_config
 from data import DATA_DIR, SYSTEM_PROMPT, build_prompt, eos_ids, load_problems, seed_for
 from model import Transformer, attention_backend, check_dir
@@ -301,8 +303,15 @@ def main(argv=None):
     # every benchmark is read before any model is loaded: a bad name fails now, not after hours of sampling
     benches = {name: load_problems(benchmark_path(name))[:cfg.n_problems] for name in cfg.data.split(",")}
     ref = load_model(cfg.ref, d.device) if cfg.ref else None
-    runs, records, out = [], [], Path(cfg.out)
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    with lock(out) if d.rank == 0 else nullcontext():
+        run_all(cfg, d, benches, ref, out)
+
+
+def run_all(cfg: EvalConfig, d, benches: dict, ref, out: Path):
+    """Every checkpoint on every benchmark at every budget; the outputs are rewritten after each run."""
+    runs, records = [], []
     for ckpt in cfg.ckpt.split(","):
         model, tokenizer = load_model(ckpt, d.device)
         if d.rank == 0:

@@ -29,6 +29,7 @@ import dataclasses
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ import eval as ev
 import train
 from config import check, load_config, typed
 from data import load_problems
-from report import schedule_report, write_json
+from report import schedule_report, write_json, write_text
 
 
 @dataclass
@@ -149,8 +150,7 @@ def validate(cfg: ScheduleConfig, path: str, name: str, out: Path, budget: int |
     records = res.pop("records")
     if distributed.rank() == 0:
         (out / "evals").mkdir(exist_ok=True)
-        with open(out / "evals" / f"{name}.jsonl", "w") as f:
-            f.writelines(json.dumps(asdict(r)) + "\n" for r in records)
+        write_text(out / "evals" / f"{name}.jsonl", "".join(json.dumps(asdict(r)) + "\n" for r in records))
         print(f"[schedule] {name}: pass@1 {res['accuracy']:.4f}, mean length {res['mean_length']:.1f}, "
               f"truncated {res['truncation_rate']:.3f} ({res['seconds']:.0f}s)", flush=True)
     del model
@@ -159,9 +159,15 @@ def validate(cfg: ScheduleConfig, path: str, name: str, out: Path, budget: int |
 
 
 def run_schedule(cfg: ScheduleConfig, train_fn=train.main) -> dict:
-    """Run (or resume) the whole schedule; returns the state that schedule.json holds."""
+    """Run (or resume) the whole schedule; returns the state that schedule.json holds. Rank 0 holds the
+    out_dir's lock (checkpoint.lock) throughout: a second schedule on it is refused."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with checkpoint.lock(out) if distributed.rank() == 0 else nullcontext():
+        return _run_schedule(cfg, train_fn, out)
+
+
+def _run_schedule(cfg: ScheduleConfig, train_fn, out: Path) -> dict:
     state = load_state(cfg, out)
     t0 = time.time()
 

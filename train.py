@@ -126,8 +126,9 @@ class Config:
               "GRPO compares samples of one prompt: give G >= 2")
         for key in ("warmup_steps", "save_every", "keep_last", "sample_every", "num_samples", "seed"):
             check(getattr(self, key) >= 0, key, getattr(self, key), "must be >= 0")
-        for key in ("temperature", "lr", "adv_eps"):
+        for key in ("temperature", "adv_eps"):
             check(0 < getattr(self, key) < math.inf, key, getattr(self, key), "a finite number > 0")
+        check(0 < self.lr <= 1, "lr", self.lr, "must be in (0, 1]: AdamW diverges at once above that")
         for key in ("clip_eps", "kl_coef", "entropy_coef", "weight_decay", "grad_clip", "length_coef"):
             check(0 <= getattr(self, key) < math.inf, key, getattr(self, key), "a finite number >= 0")
         check(self.clip_eps_high is None or 0 <= self.clip_eps_high < math.inf, "clip_eps_high", self.clip_eps_high,
