@@ -14,9 +14,10 @@ group advantages, `update` (micro-batches, `grpo_loss`), metrics, and a checkpoi
 Choices:
 - Rollouts run on a plain model over the gathered weights (`unsharded`): no collective per decode step,
   so ranks whose rows stop at different lengths never wait for each other, and no FSDP hooks.
-- The loss is summed over completion tokens and divided by the step's completion tokens on all ranks
-  (token-mean), times the world size because FSDP averages gradients; every rank runs the same number
-  of micro-batches (zero-weight dummy rows), so the collectives pair up.
+- Rewards, then advantages, then the loss, with every length-control choice in between (DESIGN.md; the
+  Config's keys name their sources; the defaults are ThinkPrune's). Each token's weight in the loss is
+  set for the whole step on all ranks (`loss_agg`), times the world size because FSDP averages
+  gradients; every rank runs the same number of micro-batches (empty ones too), so collectives pair up.
 - Samples are seeded by (seed, step, the prompt's place in the step's batch), the data order by (seed,
   epoch): a run does not depend on the world size, and a resumed run is the run that was killed.
 - One process on a GPU trains in fp32 (TF32 matmuls); under torchrun FSDP2 keeps fp32 master weights
@@ -574,8 +575,9 @@ def _run(cfg: Config, reward_fn, d: Dist, out_dir: Path) -> str:
     model = load_model(resume or cfg.model, d, trainable=True, activation_checkpointing=cfg.activation_checkpointing)
     model.source_dir = cfg.model  # tokenizer files come from here: keep_last may delete the resumed checkpoint
     eos = eos_ids(tokenizer, model.args.eos_token_id)
-    if d.rank == 0:
-        print(f"attention: {attention_backend(d.device, torch.bfloat16 if d.world > 1 and d.device.type == 'cuda' else torch.float32)}", flush=True)
+    if d.rank == 0:  # FSDP computes in bf16 on GPUs; one process in fp32
+        dtype = torch.bfloat16 if d.world > 1 and d.device.type == "cuda" else torch.float32
+        print(f"attention: {attention_backend(d.device, dtype)}", flush=True)
     ref = load_model(cfg.model, d, trainable=False).eval() if cfg.kl_coef > 0 else None
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             weight_decay=cfg.weight_decay)
