@@ -8,6 +8,7 @@ weights make it a deterministic next-token table (deterministic at temperature 0
 
 import json
 import math
+import re
 import string
 import subprocess
 import sys
@@ -117,24 +118,40 @@ def test_cut_off_completions_are_wrong_and_counted_as_truncated(scripted):
     assert res["accuracy"] == 0.0 and res["truncation_rate"] == 1.0 and res["mean_length"] == 16
 
 
-def test_aggregates_match_a_recomputation_from_the_completions(random_model):
-    model, tok = random_model
+def test_aggregates_match_a_recomputation_from_the_completions(scripted):
+    """The scripted model at temperature 75: its script's tokens stay likely but not certain, so completions
+    come out right, wrong (a slipped digit or brace), cut off (one after its right answer), with 0 to 3 "Wait"s. Each record is the
+    rollout's row, graded; accuracy (per problem, then averaged), lengths, truncation and the "Wait" rates
+    equal a recomputation from the records with this test's own rules (last \\boxed{} of a finished text; "wait"
+    as a whole word)."""
+    model, tok = scripted
     problems = PROBLEMS + [{"id": "d", "problem": "9-9", "answer": "0"}]
-    res = ev.evaluate(model, tok, problems, samples=3, max_new_tokens=24, temperature=1.0, top_p=1.0, seed=3)
+    res = ev.evaluate(model, tok, problems, samples=4, max_new_tokens=30, temperature=75.0, top_p=1.0, seed=11)
     recs = res["records"]
-    assert [(r.problem_id, r.sample) for r in recs] == [(p["id"], j) for p in problems for j in range(3)]
+    assert [(r.problem_id, r.sample) for r in recs] == [(p["id"], j) for p in problems for j in range(4)]
     gold = {p["id"]: p["answer"] for p in problems}
-    ro = generate(model, [ev.build_prompt(tok, p["problem"], None, "") for p in problems], 3, 24,
-                  temperature=1.0, top_p=1.0, eos_ids=(2,), seed=[seed_for(3, i) for i in range(4)])
-    for i, r in enumerate(recs):  # each record is the rollout's row, decoded and graded by reward.score
+    ro = generate(model, [ev.build_prompt(tok, p["problem"], None, "") for p in problems], 4, 30,
+                  temperature=75.0, top_p=1.0, eos_ids=(2,), seed=[seed_for(11, i) for i in range(4)])
+    waits = []
+    for i, r in enumerate(recs):  # each record is the rollout's row, decoded and graded
         assert r.length == int(ro.lengths[i]) and r.finished == bool(ro.finished[i])
         assert r.text == tok.decode(ro.tokens[i, :ro.lengths[i]].tolist(), skip_special_tokens=True)
-        assert r.correct == score(r.text, gold[r.problem_id], r.finished)
-        assert r.keywords == {kw: len(ev.KEYWORD_RES[kw].findall(r.text)) for kw in ev.KEYWORDS}
-    assert len({r.text for r in recs}) > 1  # really sampled
-    assert res["mean_length"] == pytest.approx(sum(r.length for r in recs) / 12)
-    assert res["truncation_rate"] == pytest.approx(sum(not r.finished for r in recs) / 12)
-    assert res["accuracy"] == pytest.approx(sum(r.correct for r in recs) / 12)  # equal k: same as per-problem mean
+        boxed = re.findall(r"\\boxed\{([^{}]*)\}", r.text)
+        assert r.correct == float(r.finished and bool(boxed) and boxed[-1] == gold[r.problem_id]), r.text
+        waits.append(re.findall(r"\w+", r.text.lower()).count("wait"))
+        assert r.keywords["Wait"] == waits[-1], r.text
+    # the inputs exercise every branch: right and wrong, finished and cut (one with the right answer in it,
+    # wrong all the same), with and without the keyword
+    assert 0 < sum(r.correct for r in recs) < 8 and 0 < sum(r.finished for r in recs) < 16
+    assert any(not r.finished and score(r.text, gold[r.problem_id], True) == 1 for r in recs)
+    assert 0 in waits and max(waits) >= 2
+    by = {pid: [r for r in recs if r.problem_id == pid] for pid in gold}
+    assert [p["accuracy"] for p in res["problems"]] == [sum(r.correct for r in by[pid]) / 4 for pid in gold]
+    assert res["accuracy"] == pytest.approx(sum(sum(r.correct for r in rs) / 4 for rs in by.values()) / 4)
+    assert res["mean_length"] == pytest.approx(sum(r.length for r in recs) / 16)
+    assert res["truncation_rate"] == pytest.approx(sum(not r.finished for r in recs) / 16)
+    assert res["keywords"]["Wait"]["per_completion"] == pytest.approx(sum(waits) / 16)
+    assert res["keywords"]["Wait"]["per_1k_tokens"] == pytest.approx(1000 * sum(waits) / sum(r.length for r in recs))
 
 
 def test_pass_at_1_averages_per_problem_first():

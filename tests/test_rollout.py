@@ -138,11 +138,18 @@ def test_hard_cutoff_and_eos():
 
 
 def test_eos_defaults_to_the_models_and_accepts_a_list():
+    """eos_ids=None stops at the model's eos_token_id: with the same seed (so the same uniforms) each row is
+    the never-stopping run's row cut right after its first EOS, finished exactly when it has one; an int or
+    a list gives the same rows."""
     model = tiny(std=0.3)
-    ro_default = generate(model, PROMPTS, n=2, max_new_tokens=12, seed=2)
-    ro_list = generate(model, PROMPTS, n=2, max_new_tokens=12, seed=2, eos_ids=[EOS])
-    assert completions(ro_default) == completions(ro_list)
-    assert all(c[-1] == EOS for c, f in zip(completions(ro_default), ro_default.finished) if f)
+    free = completions(generate(model, PROMPTS, n=4, max_new_tokens=12, seed=2, eos_ids=()))
+    ro_default = generate(model, PROMPTS, n=4, max_new_tokens=12, seed=2)
+    want = [row[:row.index(EOS) + 1] if EOS in row else row for row in free]
+    assert completions(ro_default) == want
+    assert ro_default.finished.tolist() == [EOS in row for row in free]
+    assert 0 < int(ro_default.finished.sum()) < len(free), "the test needs rows that stop and rows cut off"
+    for eos in (EOS, [EOS]):
+        assert completions(generate(model, PROMPTS, n=4, max_new_tokens=12, seed=2, eos_ids=eos)) == want
 
 
 def test_temperature_zero_is_greedy_and_ignores_the_seed():

@@ -14,6 +14,7 @@ import toy
 from data import SYSTEM_PROMPT, build_prompt, load_problems
 from model import Transformer
 from reward import extract_answer, is_equiv
+from rollout import generate
 
 
 def oracle(problem: str) -> str:
@@ -29,8 +30,9 @@ def test_problems_are_deterministic_distinct_and_correct():
     assert rows != toy.make_problems(300, seed=8)
     assert len({r["problem"] for r in rows}) == len({r["id"] for r in rows}) == 300
     for r in rows:
-        assert set(r) == {"id", "problem", "answer", "source"}
+        assert set(r) == {"id", "problem", "answer", "difficulty", "source"}
         assert r["answer"] == oracle(r["problem"])
+        assert r["difficulty"] == toy.WORDS.index(r["problem"].split(" take ")[1].split()[0])  # the steps asked for
     n_steps = [toy.parse_problem(r["problem"])[2] for r in rows]
     assert min(n_steps) == 3 and max(n_steps) == 9  # lengths vary with the problem
     answers = [r["answer"] for r in rows]
@@ -140,5 +142,8 @@ def test_tiny_sft_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
     ids = torch.tensor([build_prompt(tok, splits["test"][0]["problem"], None, SYSTEM_PROMPT)])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
-        out = hf.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
-    assert out.shape[1] > ids.shape[1]
+        out = hf.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id,
+                          eos_token_id=tok.eos_token_id)
+    # our sampler, greedy, writes what transformers' greedy generate writes (EOS included, if it comes)
+    ro = generate(ours, ids.tolist(), n=1, max_new_tokens=8, temperature=0, eos_ids=tok.eos_token_id)
+    assert ro.tokens[0, :ro.lengths[0]].tolist() == out[0, ids.shape[1]:].tolist()
