@@ -289,7 +289,6 @@ class Rows:
     tokens: list[torch.Tensor]  # completion ids per row (EOS included)
     old_logp: list[torch.Tensor]  # rollout log-probs per row
     adv: torch.Tensor  # (N,) advantage per row
-    limit: torch.Tensor  # (N,) the row's token limit
 
 
 def micro_batch(rows: Rows, idx: list[int], device):
@@ -473,8 +472,7 @@ def train_step(model, ref, opt, tokenizer, problems, prompts, eos: list[int], cf
     adv, _ = advantages(cat["shaped"], cat["valid"], use, cfg, d)
     G = cfg.samples_per_prompt
     keep = [i for i in range(len(cat["texts"])) if use[i // G] and cat["valid"].view(-1)[i]]
-    rows = Rows(prompts=cat["prompts"], tokens=cat["tokens"], old_logp=cat["old_logp"], adv=adv.view(-1),
-                limit=cat["limits"].reshape(-1))
+    rows = Rows(prompts=cat["prompts"], tokens=cat["tokens"], old_logp=cat["old_logp"], adv=adv.view(-1))
 
     # 4. update
     t0 = time.perf_counter()

@@ -251,7 +251,7 @@ def check_update(ckpt: str, s: Sizes) -> dict:
                           tokens=[torch.randint(0, s.shape["vocab_size"], (s.limit,), generator=g)
                                   for _ in range(s.update_rows)],
                           old_logp=[torch.full((s.limit,), -5.0) for _ in range(s.update_rows)],
-                          adv=torch.randn(s.update_rows, generator=g), limit=torch.full((s.update_rows,), s.limit))
+                          adv=torch.randn(s.update_rows, generator=g))
         before = model.layers[0].mlp.up_proj.weight.detach().to_local().clone()
         stats = []
         for step in range(2):

@@ -141,8 +141,7 @@ def test_loss_aggregation_matches_its_formula(agg):
     """Two rows of 1 and 3 completion tokens with per-token losses x: token-mean sum(x) / 4; seq-mean-token-
     mean (x0 + mean(x1)) / 2; seq-mean-token-sum-norm (x0 + sum(x1)) / (L * 2), L = the limit (8)."""
     rows = train.Rows(prompts=[[1, 2], [1, 2]], tokens=[torch.tensor([5]), torch.tensor([5, 6, 7])],
-                      old_logp=[torch.zeros(1), torch.zeros(3)], adv=torch.tensor([-1.0, -1.0]),
-                      limit=torch.tensor([8, 8]))
+                      old_logp=[torch.zeros(1), torch.zeros(3)], adv=torch.tensor([-1.0, -1.0]))
     w = train.row_weights(rows, [0, 1], cfg(loss_agg=agg, limit=8), ONE)
     x = torch.tensor([[2.0, 0, 0], [1.0, 3.0, 5.0]])  # per-token surrogate -A * ratio = x at logp = log x
     weight = torch.tensor([[w[0], 0, 0], [w[1]] * 3])

@@ -115,8 +115,7 @@ def hand_rows(model, temperature, old_shift=0.0, adv=(1.0, -0.5, 2.0, -1.5), see
         for p, t in zip(prompts, tokens):
             lp = plain_logprobs(model, p, t, temperature).gather(-1, t[:, None])[:, 0]
             old.append(lp + old_shift * torch.randn(len(t), generator=g))
-    return train.Rows(prompts=prompts, tokens=tokens, old_logp=old, adv=torch.tensor(adv),
-                      limit=torch.tensor([6, 2, 6, 3]))
+    return train.Rows(prompts=prompts, tokens=tokens, old_logp=old, adv=torch.tensor(adv))
 
 
 def cfg_for(**kw):
@@ -139,7 +138,7 @@ def test_micro_batch_lines_up_targets_old_logprobs_and_mask_by_hand():
     and the mask covers exactly them, EOS included; the shorter sequence is right-padded."""
     rows = train.Rows(prompts=[[1, 2, 3], [4]], tokens=[torch.tensor([6, 7, EOS]), torch.tensor([8, 9])],
                       old_logp=[torch.tensor([-0.1, -0.2, -0.3]), torch.tensor([-0.4, -0.5])],
-                      adv=torch.tensor([1.5, -2.0]), limit=torch.tensor([3, 3]))
+                      adv=torch.tensor([1.5, -2.0]))
     inputs, targets, mask, old, adv = train.micro_batch(rows, [1, 0], torch.device("cpu"))
     assert inputs.tolist() == [[4, 8, 0, 0, 0], [1, 2, 3, 6, 7]]
     assert targets.tolist() == [[8, 9, 0, 0, 0], [2, 3, 6, 7, EOS]]
