@@ -1,5 +1,5 @@
 """
-Config files and `--key=value` overrides, for every entry point (train, schedule, eval, demo, toy).
+Config files and `--key=value` overrides, for every entry point (train, schedule, eval, demo, toy, sweep).
 
     cfg = load_config("configs/stage1.py", ["--limit=3000"], train.Config)
 
