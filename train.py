@@ -178,6 +178,13 @@ def shape_rewards(reward, correct, finished, lengths, limits, cfg: Config):
     return r.masked_fill(~valid, 0.0), valid
 
 
+def has_signal(rewards, valid):
+    """rewards, valid (P, G) -> (P,): groups with two or more valid rows whose rewards differ (a NaN
+    reward differs, so the loss catches it)."""
+    first = rewards.gather(1, valid.float().argmax(1, keepdim=True))  # (P, 1) a valid row's reward
+    return (valid.sum(1) >= 2) & ~((rewards == first) | ~valid).all(1)
+
+
 def advantages(rewards, valid, use, cfg: Config, d: Dist):
     """rewards, valid (P, G), use (P,): the groups that enter the update -> advantages (P, G), and which
     groups carry signal (P,): two or more valid rows whose rewards differ. Rows are centred on their
@@ -187,15 +194,13 @@ def advantages(rewards, valid, use, cfg: Config, d: Dist):
     v = valid.float()
     n = v.sum(1, keepdim=True)
     c = (rewards - (rewards * v).sum(1, keepdim=True) / n.clamp(min=1)) * v  # (P, G) centred
-    first = rewards.gather(1, valid.float().argmax(1, keepdim=True))  # (P, 1) a valid row's reward
-    signal = (n[:, 0] >= 2) & ~((rewards == first) | ~valid).all(1)  # (a NaN reward differs: the loss catches it)
     if cfg.adv_norm == "group":
         c = c / ((c ** 2).sum(1, keepdim=True) / (n - 1).clamp(min=1)).sqrt().add(cfg.adv_eps)
     elif cfg.adv_norm == "batch":
         u = v * use[:, None]
         rows, sq = d.all_sum(torch.stack([u.sum(), (c ** 2 * u).sum()]).double()).tolist()
         c = c / (math.sqrt(sq / max(rows - 1, 1)) + cfg.adv_eps)
-    return c, signal
+    return c, has_signal(rewards, valid)
 
 
 def grpo_loss(logp, old_logp, ref_logp, entropy, adv, weight, clip_low, clip_high, kl_coef, entropy_coef):
@@ -453,7 +458,7 @@ def train_step(model, ref, opt, tokenizer, problems, prompts, eos: list[int], cf
         # 2. the rewards the policy sees (truncation policy, length term)
         ro["shaped"], ro["valid"] = shape_rewards(ro["reward"], ro["correct"], ro["finished"], ro["lengths"],
                                                   ro["limits"], cfg)
-        _, ro["signal"] = advantages(ro["shaped"], ro["valid"], torch.ones(per_rank), cfg, d)
+        ro["signal"] = has_signal(ro["shaped"], ro["valid"])
         rounds.append(ro)
         kept += int(ro["signal"].sum())
         # all ranks agree on the rounds: the one furthest from its share decides
