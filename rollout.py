@@ -10,13 +10,15 @@ A row stops at the first EOS (kept: learning when to stop is the method) or afte
 `max_new_tokens` tokens without one: the hard cutoff, `finished=False`.
 
 How it works (the numbered steps in `generate`):
-1. One static `KVCache` of `max_batch` slots (gpt-fast style: fixed shapes, so a decode step compiles).
+1. One static `KVCache` of `max_batch` slots (gpt-fast style: fixed shapes).
 2. Admission: a free slot takes the next waiting row. Each prompt is prefilled once, its keys/values
    copied into the slots of its n samples, each of which draws its own first token.
 3. Once nothing waits, running rows are packed into the front slots whenever they fit in half the
-   width, and steps run on that many slots only (few distinct shapes).
-4. Decode: each slot in use feeds its last token; attention reads only the cache prefix in use (rounded
-   up to 16 positions). Idle slots among the first `width` write into a spare output row.
+   width, and steps run on that many slots only (a power of two).
+4. Decode (`decode`): each slot in use feeds its last token; attention reads the cache prefix in use,
+   rounded up (`attend_length`: at most 1/8 padding, few distinct lengths). It only reads and writes
+   buffers made once per call and never syncs, so on CUDA a graph captured per (width, length) replays
+   it (`cuda_graphs`, dropped when generate returns).
 5. A row that stops frees its slot for the next waiting row at once (continuous batching).
 
 Randomness: token t of row i is drawn by inverse-CDF sampling with uniform u[i, t] from a table drawn
@@ -28,10 +30,7 @@ Sampling distribution: fp32 logits / temperature, then top-k, then top-p (the sm
 likely tokens whose mass reaches top_p). `logprobs` are under exactly that distribution: the "old"
 policy of the trainer's importance ratio. temperature=0 is greedy, with the plain softmax's logprobs.
 On the CPU in fp32 the linear layers run from oneDNN-packed weights (model.py's fenced speed paths).
-`compile=True` compiles the decode step with its sampling (meant for CUDA).
-
-Simplifications: attention reads the masked padding up to the rounded prefix length; one host sync per
-step checks whether any row stopped.
+`compile=True` compiles the decode step with its sampling. One host sync per step: did any row stop?
 """
 
 import contextlib
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 
 from model import KVCache, Transformer, packed_weights
 
-PREFIX_ROUND = 16  # attend over the cache prefix rounded up to this many positions
+PREFIX_ROUND = 16  # attend over the cache prefix rounded up to at least this many positions
 PREFILL_TOKENS = 2**15  # max padded tokens in one prefill forward (bounds its activations and cache)
 CDF_BLOCK = 128  # columns per block of the two-level inverse-CDF search in `sample`
 
@@ -106,6 +105,14 @@ def _inverse_cdf(w: torch.Tensor, u: torch.Tensor):
     return b * CDF_BLOCK + k, total
 
 
+def attend_length(n: int, S: int) -> int:
+    """The cache prefix a decode step attends over when its longest row holds n positions: n rounded up to a
+    multiple of PREFIX_ROUND, or of 1/8 of the power of two at or below n once that is larger; at most S.
+    About 8 lengths per doubling: the graphs captured per (width, length) stay few."""
+    step = max(PREFIX_ROUND, 1 << max(n.bit_length() - 4, 0))
+    return min(S, -(-n // step) * step)
+
+
 def _decode(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, cache: KVCache, u: torch.Tensor,
             temperature: float, top_k: int, top_p: float):
     """One decode step: feed tok at pos (B, 1), sample the next token with uniforms u (B,); returns tokens
@@ -114,6 +121,29 @@ def _decode(model: Transformer, tok: torch.Tensor, pos: torch.Tensor, cache: KVC
     mask = torch.arange(cache.length, device=pos.device) <= pos[:, :, None]  # (B, 1, S): a row sees its own past
     logits = model(tok, position_ids=pos, mask=mask[:, None], cache=cache)[:, -1].float()
     return sample(logits, u, temperature, top_k, top_p, overwrite=True)
+
+
+def _graphed(fn, device):
+    """fn(width) -> tensor, replayed from one CUDA graph per (width, length) key. A key's first call runs fn
+    for real on a side stream, which is the warm-up capture needs, then records it into a memory pool shared
+    by this call's graphs; later calls replay it. fn must keep its shapes, tensor addresses and Python
+    branches fixed per key, sync nothing and take its randomness from tensors filled beforehand."""
+    graphs, pool, side = {}, torch.cuda.graph_pool_handle(), torch.cuda.Stream(device)
+
+    def run(width, length):
+        if (width, length) in graphs:
+            graph, out = graphs[width, length]
+            graph.replay()
+            return out
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            out = fn(width)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=side):
+            graphs[width, length] = graph, fn(width)  # recorded, not run
+        torch.cuda.current_stream(device).wait_stream(side)
+        return out
+    return run
 
 
 def _prefill(model: Transformer, prompts: list[list[int]], device, dtype):
@@ -139,12 +169,14 @@ def _prefill(model: Transformer, prompts: list[list[int]], device, dtype):
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_tokens: int | list[int], temperature: float = 1.0,
              top_p: float = 1.0, top_k: int = 0, eos_ids=None, seed: int | list[int] = 0, max_batch: int = 256,
-             compile: bool = False, pad_id: int = 0, progress: bool = False) -> Rollout:
+             compile: bool = False, cuda_graphs: bool | None = None, pad_id: int = 0,
+             progress: bool = False) -> Rollout:
     """Sample n completions of at most max_new_tokens for each prompt (lists of token ids); max_new_tokens
     may be a list with one limit per prompt (difficulty-aware truncation).
     eos_ids: stop tokens, an int or a list; None means the model's `args.eos_token_id`, () never stops.
     seed: an int for the whole call, or a list of one int per prompt (see Randomness above).
-    max_batch: number of cache slots (rows decoded together). compile: torch.compile the decode step."""
+    max_batch: number of cache slots (rows decoded together). compile: torch.compile the decode step.
+    cuda_graphs: replay the decode step from CUDA graphs; None means on CUDA, off on the CPU."""
     limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
     if n < 1 or len(limits) != len(prompts) or min(limits, default=0) < 1 or any(len(p) == 0 for p in prompts):
         raise ValueError(f"generate needs n >= 1, non-empty prompts and max_new_tokens >= 1 (an int or one per "
@@ -157,6 +189,9 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
     eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
+    cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+    if cuda_graphs and device.type != "cuda":
+        raise ValueError(f"cuda_graphs=True needs the model on a CUDA device; it is on {device}")
     was_training = model.training
     model.eval()
     step = torch.compile(_decode) if compile else _decode
@@ -178,6 +213,7 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
     u = u.to(device)
     row_limit = torch.tensor([lim for lim in limits for _ in range(n)] + [L], device=device)  # (N + 1,)
     eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    slot_ids = torch.arange(B, device=device)
     row = torch.full((B,), N, dtype=torch.long, device=device)  # the row each slot serves; N = idle
     count = torch.zeros(B, dtype=torch.long, device=device)  # tokens the slot's row has so far
     pos = torch.zeros(B, dtype=torch.long, device=device)  # position (= cache index) of the slot's last token
@@ -189,18 +225,26 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
 
     def take(slots, new_tok, new_lp, new_pos):
         """Append one sampled token (at position new_pos) to the rows in `slots`; free the slots of rows
-        that stop (idle slots sit at count 0, position 0). Returns how many rows stopped."""
+        that stop (idle slots sit at count 0, position 0). Returns how many rows stopped (a tensor: no sync)."""
         r, c = row[slots], count[slots]
         out_tok[r, c], out_lp[r, c] = new_tok, new_lp
         c = c + 1
-        hit = torch.isin(new_tok, eos)
+        hit = (new_tok[:, None] == eos).any(-1)  # not torch.isin: it may sort, and sync, inside a graph
         stop = (hit | (c == row_limit[r])) & (r < N)
         lengths[r], finished[r] = c, hit
         r = torch.where(stop, N, r)
         row[slots], tok[slots] = r, new_tok
         count[slots] = torch.where(r == N, 0, c)
         pos[slots] = torch.where(r == N, 0, new_pos)
-        return int(stop.sum())
+        return stop.sum()
+
+    def decode(width):
+        """4-5 for the first `width` slots, over the first cache.length positions: what a CUDA graph replays."""
+        new_tok, new_lp = step(model, tok[:width, None], pos[:width, None], cache, u[row[:width], count[:width]],
+                               temperature, top_k, top_p)
+        return take(slot_ids[:width], new_tok, new_lp, pos[:width] + 1)
+
+    run = _graphed(decode, device) if cuda_graphs else lambda width, length: decode(width)
 
     # on the CPU in fp32 the linear layers run from oneDNN-packed weights, which torch.compile cannot trace
     with contextlib.nullcontext() if compile else packed_weights(model, B):
@@ -226,7 +270,7 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
                 logits = torch.stack([held[p][2] for p in (rows // n).tolist()])  # (m, V)
                 row[slots] = rows
                 # the first token sits right after the prompt, at position len(prompt)
-                done = take(slots, *sample(logits, u[rows, 0], temperature, top_k, top_p), plen)
+                done = int(take(slots, *sample(logits, u[rows, 0], temperature, top_k, top_p), plen))
                 next_row += len(rows)
                 running += len(rows) - done
                 for p in range(first, last + (next_row % n == 0)):  # drop prompts whose samples are all in
@@ -251,11 +295,9 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
                 width = new_width
 
             # 4. Decode one token for every slot in use, attending over the used prefix of the cache.
-            cache.length = min(S, -(-(top + 1) // PREFIX_ROUND) * PREFIX_ROUND)
-            new_tok, new_lp = step(model, tok[:width, None], pos[:width, None], cache, u[row[:width], count[:width]],
-                                   temperature, top_k, top_p)
             # 5. Rows that stop free their slots; the next round of admission refills them.
-            done = take(torch.arange(width, device=device), new_tok, new_lp, pos[:width] + 1)
+            cache.length = attend_length(top + 1, S)
+            done = int(run(width, cache.length))
             running -= done
             top += 1
             if done:  # the longest row may have stopped: tighten the bound (one more host sync, rarely)

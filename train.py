@@ -68,6 +68,7 @@ class Config:
     # at the same temperature, so the importance ratio starts at 1 (a truncated distribution would not)
     temperature: float = 1.0
     rollout_batch: int = 256  # KV-cache slots per generate call
+    cuda_graphs: bool | None = None  # replay decode steps from CUDA graphs (rollout.generate); None: on CUDA
     # length control (DESIGN.md, "where each choice lives"); the defaults are ThinkPrune's
     truncation: str = "zero"  # a completion with no EOS within its limit: "zero" reward 0 (ThinkPrune's paper);
     # "keep" graded as the cut text stands (the official ThinkPrune code, veRL); "mask" left out of the loss and
@@ -421,7 +422,7 @@ def rollout_round(model, tokenizer, problems, prompts, idx: list[int], seeds: li
     limits = [problems[k].get("limit", cfg.limit) for k in idx]
     with unsharded(model) as plain, torch.no_grad():
         ro = generate(plain, [prompts[k] for k in idx], n=G, max_new_tokens=limits, temperature=cfg.temperature,
-                      eos_ids=eos, seed=seeds, max_batch=cfg.rollout_batch)
+                      eos_ids=eos, seed=seeds, max_batch=cfg.rollout_batch, cuda_graphs=cfg.cuda_graphs)
     lengths, finished = ro.lengths.cpu(), ro.finished.cpu()
     texts, reward, correct = [], [], []
     for i in range(len(lengths)):

@@ -1,13 +1,14 @@
 """rollout.generate on tiny random models: the cached, batched sampler against a naive one that re-runs
 the whole sequence every step, log-probs against one forward pass, batching and slot scheduling that
-do not change the result, the hard cutoff and EOS, and the sampling rules (greedy, top-k, top-p, seeds)."""
+do not change the result, the hard cutoff and EOS, the sampling rules (greedy, top-k, top-p, seeds), and
+the decode step that CUDA graphs replay."""
 
 import pytest
 import torch
 
 import rollout
 from model import Linear, ModelArgs, Transformer
-from rollout import generate, sample
+from rollout import attend_length, generate, sample
 
 EOS = 21  # a token these tiny models emit now and then, so some rows stop early and some are cut off
 PROMPTS = [[1, 2, 3, 4, 5], [6], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [18, 19, 20]]
@@ -21,12 +22,14 @@ def tiny(seed=0, std=0.1, vocab=61, eos=EOS):
 
 @torch.no_grad()
 def naive(model, prompts, n, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(EOS,), seed=0):
-    """The oracle: each row alone, the full sequence re-run every step, the documented uniforms table."""
-    u = torch.rand(len(prompts) * n + 1, max_new_tokens, generator=torch.Generator().manual_seed(seed))
+    """The oracle: each row alone, the full sequence re-run every step, the documented uniforms table.
+    max_new_tokens: an int, or one limit per prompt."""
+    limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else max_new_tokens
+    u = torch.rand(len(prompts) * n + 1, max(limits), generator=torch.Generator().manual_seed(seed))
     rows = []
     for i in range(len(prompts) * n):
         seq, toks, lps = list(prompts[i // n]), [], []
-        for t in range(max_new_tokens):
+        for t in range(limits[i // n]):
             logits = model(torch.tensor([seq]))[:, -1].float()  # (1, V)
             tok, lp = sample(logits, u[i, t:t + 1], temperature, top_k, top_p)
             seq.append(int(tok))
@@ -250,3 +253,52 @@ def test_compiled_decode_step_gives_the_same_tokens():
     kw = dict(n=2, max_new_tokens=6, seed=3, max_batch=8)
     assert completions(generate(model, PROMPTS[:2], compile=True, **kw)) == \
         completions(generate(model, PROMPTS[:2], **kw))
+
+
+# ---- the decode step that CUDA graphs replay ---------------------------------------------------------
+
+LONG = [torch.randint(0, 61, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (270, 3, 140, 33)]
+LIMITS = [40, 12, 30, 8]
+
+
+def spy_decode(monkeypatch):
+    """Record (width, attended cache length) of every decode step."""
+    shapes, real = [], rollout._decode
+
+    def spy(model, tok, pos, cache, *args):
+        shapes.append((tok.size(0), cache.length))
+        return real(model, tok, pos, cache, *args)
+    monkeypatch.setattr(rollout, "_decode", spy)
+    return shapes
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_decode_step_equals_naive_sampling_through_batching_packing_and_long_prefixes(monkeypatch, temperature):
+    """The decode step a CUDA graph captures (fixed buffers, no host sync, the cache prefix rounded by
+    attend_length) gives the naive oracle's tokens and log-probs: prompts of 3 to 270 tokens, a limit per
+    prompt, 12 rows through 5 slots (continuous batching, then packing), attended lengths past 256 where the
+    rounding is coarser than 16. The steps run in few distinct (width, length) shapes: a graph each."""
+    model = tiny(std=0.3)
+    shapes = spy_decode(monkeypatch)
+    ro = generate(model, LONG, n=3, max_new_tokens=LIMITS, temperature=temperature, seed=9, max_batch=5)
+    ref = naive(model, LONG, 3, LIMITS, temperature, seed=9)
+    assert completions(ro) == [toks for toks, _ in ref]
+    assert ro.finished.tolist() == [toks[-1] == EOS for toks, _ in ref]
+    for i, (_, lps) in enumerate(ref):
+        torch.testing.assert_close(ro.logprobs[i, :len(lps)], torch.tensor(lps), atol=1e-4, rtol=1e-4)
+    widths, lengths = {w for w, _ in shapes}, {n for _, n in shapes}
+    assert 5 in widths and len(widths) >= 2, "the test needs full-width steps and packed ones"
+    assert 288 in lengths, "the test needs a length rounded to a multiple of 32 (past 256)"
+    assert len(set(shapes)) <= len(shapes) // 3
+
+
+def test_attend_length_pads_at_most_an_eighth_in_few_lengths():
+    S = 5000
+    lengths = [attend_length(n, S) for n in range(1, S + 1)]
+    assert all(n <= m <= S and m - n <= max(rollout.PREFIX_ROUND - 1, n // 8) for n, m in enumerate(lengths, 1))
+    assert len(set(lengths)) <= 60  # about 8 per doubling from 128 up, plus multiples of 16 below
+
+
+def test_cuda_graphs_need_a_cuda_model():
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        generate(tiny(), PROMPTS, n=1, max_new_tokens=2, cuda_graphs=True)
