@@ -20,7 +20,9 @@ Choices:
   and the log-softmax over `chunk` positions of one row at a time under activation checkpointing: the
   (B, T, V) logits and their gradient never exist (at 152k vocabulary they dwarf the model's activations).
 - Attention is torch SDPA; on CUDA with flash-attn and a 16-bit dtype, causal and packed (`cu_seqlens`)
-  attention go to flash-attn. RoPE angles are computed in fp32 from the positions on every call.
+  attention go to flash-attn, and a decode step to `flash_attn_with_kvcache`, which writes the new keys and
+  values and reads each row's own length of the cache only. RoPE angles are computed in fp32 from the
+  positions on every call.
 - Loading builds the model on the meta device and assigns each tensor straight from safetensors. Sliding
   windows and RoPE scaling are refused rather than run wrongly.
 - Two CPU speed paths for sampling sit in a fenced section at the end of the file (a reader can skip it).
@@ -43,11 +45,15 @@ from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 try:  # GPU only; absent on CPU machines
-    from flash_attn import flash_attn_func, flash_attn_varlen_func
+    from flash_attn import (
+        flash_attn_func,
+        flash_attn_varlen_func,
+        flash_attn_with_kvcache,
+    )
 except (ImportError, OSError) as e:  # installed but broken (often a build for another torch): say so
     if getattr(e, "name", None) != "flash_attn":
         warnings.warn(f"flash-attn is installed but does not import ({e}); attention falls back to torch SDPA")
-    flash_attn_func = flash_attn_varlen_func = None
+    flash_attn_func = flash_attn_varlen_func = flash_attn_with_kvcache = None
 
 # Files that travel with a checkpoint so that transformers can rebuild the tokenizer and chat template.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -60,6 +66,11 @@ def attention_backend(device: torch.device, dtype: torch.dtype) -> str:
         return f"flash-attn {flash_attn.__version__}"
     why = "not installed" if flash_attn_func is None else ("fp32" if device.type == "cuda" else "CPU")
     return f"torch SDPA (flash-attn: {why})"
+
+
+def flash_decode(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether decode steps over a KV cache on this device in this dtype run flash_attn_with_kvcache."""
+    return flash_attn_with_kvcache is not None and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
 
 
 def device_and_dtype(device=None):
@@ -126,7 +137,8 @@ class ModelArgs:
 class KVCache:
     """Preallocated keys and values for every layer: k, v are (n_layer, B, n_kv_head, S, head_dim).
     A forward over b rows reads rows [:b] and cache indices [:length] only; the sampler sets `length` to
-    the prefix in use (by default all S)."""
+    the prefix in use (by default all S). With `flash`, a decode step reads each row's positions up to its
+    own instead, whatever `length` is (flash_attn_with_kvcache)."""
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, device=None, dtype=torch.float32):
         shape = (args.num_hidden_layers, batch_size, args.num_key_value_heads, max_seq_len, args.head_dim)
@@ -134,6 +146,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = max_seq_len
         self.layers = torch.arange(args.num_hidden_layers, device=device)
+        self.flash = flash_decode(self.k.device, dtype)
 
     def update(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, n_kv, T, hd) of row b at cache indices pos[b, :]; return the layer's keys and
@@ -207,11 +220,14 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        decode = T == 1 and mask is not None and cu_seqlens is None
+        if decode and cache is not None and cache.flash:
+            return self.o_proj(self._flash_decode(q, k, v, pos, cache).reshape(B, T, self.nh * self.hd))
         if cache is not None:
             k, v = cache.update(self.layer, pos, k, v)  # (B, nkv, S, hd)
         if flash_attn_func is not None and x.is_cuda and x.dtype != torch.float32 and mask is None:
             y = self._flash(q, k, v, cu_seqlens)
-        elif T == 1 and mask is not None and cu_seqlens is None:
+        elif decode:
             # a decode step: the nh/nkv query heads that share a kv head go in as that head's query rows
             # (all see the row's one mask), so there is no GQA expansion
             q = q.reshape(B, self.nkv, self.nh // self.nkv, self.hd)  # (B, nkv, nh/nkv, hd)
@@ -236,6 +252,15 @@ class Attention(nn.Module):
         max_len = int((cu[1:] - cu[:-1]).max())
         y = flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, max_len, max_len, causal=True)
         return y[None].transpose(1, 2)  # (1, nh, T, hd)
+
+    def _flash_decode(self, q, k, v, pos, cache):
+        """A decode step, q (B, nh, 1, hd), k/v (B, nkv, 1, hd): flash-attn writes k, v into the cache at each
+        row's position and attends over positions [0, pos] of that row only (the mask the SDPA path builds),
+        so padding and idle slots (position 0) cost nothing. GQA is native. Returns (B, 1, nh, hd)."""
+        B = q.size(0)
+        kc, vc = (c[self.layer, :B].transpose(1, 2) for c in (cache.k, cache.v))  # (B, S, nkv, hd) views, strided
+        return flash_attn_with_kvcache(q.transpose(1, 2), kc, vc, k.transpose(1, 2), v.transpose(1, 2),
+                                       cache_seqlens=pos[:, 0].to(torch.int32))  # entries before the new one
 
 
 class MLP(nn.Module):

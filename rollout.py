@@ -16,9 +16,9 @@ How it works (the numbered steps in `generate`):
 3. Once nothing waits, running rows are packed into the front slots whenever they fit in half the
    width, and steps run on that many slots only (a power of two).
 4. Decode (`decode`): each slot in use feeds its last token; attention reads the cache prefix in use,
-   rounded up (`attend_length`: at most 1/8 padding, few distinct lengths). It only reads and writes
-   buffers made once per call and never syncs, so on CUDA a graph captured per (width, length) replays
-   it (`cuda_graphs`, dropped when generate returns).
+   rounded up (`attend_length`: at most 1/8 padding, few distinct lengths), or with flash-attn each
+   row's own length. It only reads and writes buffers made once per call and never syncs, so on CUDA a
+   graph captured per (width, length) replays it (`cuda_graphs`, dropped when generate returns).
 5. A row that stops frees its slot for the next waiting row at once (continuous batching).
 
 Randomness: token t of row i is drawn by inverse-CDF sampling with uniform u[i, t] from a table drawn
@@ -294,9 +294,9 @@ def generate(model: Transformer, prompts: list[list[int]], n: int, max_new_token
                 row[new_width:width] = N
                 width = new_width
 
-            # 4. Decode one token for every slot in use, attending over the used prefix of the cache.
-            # 5. Rows that stop free their slots; the next round of admission refills them.
-            cache.length = attend_length(top + 1, S)
+            # 4. Decode one token for every slot in use, attending over the used prefix of the cache (flash-attn
+            # reads each row's own length, so one graph per width). 5. Rows that stop free their slots.
+            cache.length = S if cache.flash else attend_length(top + 1, S)
             done = int(run(width, cache.length))
             running -= done
             top += 1

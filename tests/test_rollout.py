@@ -1,11 +1,12 @@
 """rollout.generate on tiny random models: the cached, batched sampler against a naive one that re-runs
 the whole sequence every step, log-probs against one forward pass, batching and slot scheduling that
-do not change the result, the hard cutoff and EOS, the sampling rules (greedy, top-k, top-p, seeds), and
-the decode step that CUDA graphs replay."""
+do not change the result, the hard cutoff and EOS, the sampling rules (greedy, top-k, top-p, seeds), the
+decode step that CUDA graphs replay, and the flash-attn decode path against a reference of its kernel."""
 
 import pytest
 import torch
 
+import model as model_py
 import rollout
 from model import Linear, ModelArgs, Transformer
 from rollout import attend_length, generate, sample
@@ -255,7 +256,7 @@ def test_compiled_decode_step_gives_the_same_tokens():
         completions(generate(model, PROMPTS[:2], **kw))
 
 
-# ---- the decode step that CUDA graphs replay ---------------------------------------------------------
+# ---- the decode step that CUDA graphs replay, and the flash-attn decode ------------------------------
 
 LONG = [torch.randint(0, 61, (k,), generator=torch.Generator().manual_seed(k)).tolist() for k in (270, 3, 140, 33)]
 LIMITS = [40, 12, 30, 8]
@@ -302,3 +303,46 @@ def test_attend_length_pads_at_most_an_eighth_in_few_lengths():
 def test_cuda_graphs_need_a_cuda_model():
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         generate(tiny(), PROMPTS, n=1, max_new_tokens=2, cuda_graphs=True)
+
+
+def flash_attn_with_kvcache_reference(q, k_cache, v_cache, k, v, cache_seqlens):
+    """flash_attn_with_kvcache as flash-attn documents it, in plain torch: q (B, 1, nh, hd); caches (B, S, nkv,
+    hd) with a contiguous last dim; k, v (B, 1, nkv, hd) are written into the caches at index cache_seqlens[b]
+    (int32), then query b attends over cache positions [0, cache_seqlens[b]]; query head h reads kv head
+    h // (nh / nkv)."""
+    B, _, nh, hd = q.shape
+    nkv = k_cache.size(2)
+    assert k_cache.shape == v_cache.shape and k_cache.shape[0] == B and k_cache.shape[2:] == (nkv, hd)
+    assert k_cache.stride(-1) == v_cache.stride(-1) == 1 and k.shape == v.shape == (B, 1, nkv, hd)
+    assert cache_seqlens.dtype == torch.int32 and cache_seqlens.is_contiguous() and cache_seqlens.shape == (B,)
+    out = torch.empty_like(q)
+    for b in range(B):
+        n = int(cache_seqlens[b])
+        k_cache[b, n], v_cache[b, n] = k[b, 0], v[b, 0]
+        for h in range(nh):
+            g = h // (nh // nkv)
+            w = (k_cache[b, :n + 1, g] @ q[b, 0, h] * hd ** -0.5).softmax(0)  # (n + 1,)
+            out[b, 0, h] = w @ v_cache[b, :n + 1, g]
+    return out
+
+
+def test_flash_decode_path_equals_the_sdpa_decode(monkeypatch):
+    """model.py's flash_attn_with_kvcache call (cache views in its layout, each row's position as its cache
+    length, the kernel writing the new keys and values) gives the SDPA decode's tokens and log-probs, with
+    the kernel replaced by a reference of its documented semantics, GQA included (4 query heads, 2 kv heads).
+    The decode steps then take the whole cache: the kernel reads each row's own length, so one graph a width."""
+    model = tiny(std=0.3)
+    kw = dict(n=3, max_new_tokens=LIMITS, temperature=1.0, seed=4, max_batch=5)
+    sdpa = generate(model, LONG, **kw)
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(1)
+        return flash_attn_with_kvcache_reference(*args, **kwargs)
+    monkeypatch.setattr(model_py, "flash_decode", lambda device, dtype: True)
+    monkeypatch.setattr(model_py, "flash_attn_with_kvcache", kernel)
+    shapes = spy_decode(monkeypatch)
+    flash = generate(model, LONG, **kw)
+    assert calls and {n for _, n in shapes} == {max(len(p) + lim for p, lim in zip(LONG, LIMITS))}
+    assert completions(flash) == completions(sdpa)
+    torch.testing.assert_close(flash.logprobs, sdpa.logprobs, atol=1e-5, rtol=1e-5)
