@@ -7,7 +7,8 @@ A config is a dataclass with defaults. A config file is plain Python assignments
 in a namespace of its own (`__file__` is set, so a config can exec another one beside it); every name
 it assigns must be a field, and its value must have the field's type (an int passes for a float).
 An override splits on the first "=" and converts the text to the field's type: lists and dicts as
-JSON, bools as true/false/1/0, None for a field typed `T | None`. Last, the dataclass's `check()` checks the values (ranges, choices,
+JSON, bools as true/false/1/0, None for a field typed `T | None`, and for `int | str` an int where the
+text is one (`--rollout_batch=auto` or `=64`). Last, the dataclass's `check()` checks the values (ranges, choices,
 combinations) so that a bad value fails, naming its key, before any model loads.
 """
 
@@ -17,27 +18,42 @@ from dataclasses import fields
 from pathlib import Path
 
 
-def _optional(typ):
-    """T for a field typed `T | None`, else None."""
-    if isinstance(typ, types.UnionType) and type(None) in typ.__args__:
-        return next(t for t in typ.__args__ if t is not type(None))
-    return None
+def _members(typ) -> tuple:
+    """The types a field typed `A | B` (None included) may hold, in order; (typ,) for a plain type."""
+    return typ.__args__ if isinstance(typ, types.UnionType) else (typ,)
+
+
+def _name(typ) -> str:
+    return " | ".join("None" if t is type(None) else t.__name__ for t in _members(typ))
 
 
 def typed(where: str, key: str, value, typ):
-    """`value` (from a config file) as a field of type `typ`: ints pass as floats, nothing else converts."""
-    if _optional(typ):
-        return None if value is None else typed(where, key, value, _optional(typ))
-    if not (isinstance(value, typ) or (typ is float and isinstance(value, int))) or \
-            (typ is not bool and isinstance(value, bool)):
-        raise ValueError(f"{where}: {key} = {value!r} should be of type {typ.__name__}")
-    return typ(value)
+    """`value` (from a config file) as a field of type `typ`: ints pass as floats, nothing else converts; a
+    union takes the first of its types that fits."""
+    for t in _members(typ):
+        if t is type(None):
+            if value is None:
+                return None
+        elif (isinstance(value, t) or (t is float and isinstance(value, int))) and \
+                (t is bool or not isinstance(value, bool)):
+            return t(value)
+    raise ValueError(f"{where}: {key} = {value!r} should be of type {_name(typ)}")
 
 
 def convert(key: str, text: str, typ):
-    """The text of `--key=text` as a value of type `typ` ("None" for a field typed `T | None`)."""
-    if _optional(typ):
-        return None if text == "None" else convert(key, text, _optional(typ))
+    """The text of `--key=text` as a value of type `typ`: "None" for a field that may be None; a union takes
+    the first of its types that parses the text (`int | str`: "64" is 64, "auto" is "auto")."""
+    if len(_members(typ)) > 1:
+        if text == "None" and type(None) in _members(typ):
+            return None
+        for t in _members(typ):
+            if t is type(None):
+                continue
+            try:
+                return convert(key, text, t)
+            except ValueError:
+                pass
+        raise ValueError(f"--{key}={text}: expected {_name(typ)}")
     if typ in (list, dict):
         try:
             value = json.loads(text)

@@ -33,7 +33,7 @@ import re
 import sys
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -42,11 +42,12 @@ from torch.utils.checkpoint import checkpoint
 
 import checkpoint as ckpt
 import distributed
+import memory
 import reward
 from config import check, choice, load_config
 from data import DATA_DIR, SYSTEM_PROMPT, batch_indices, build_prompt, eos_ids, load_problems, seed_for
 from distributed import Dist
-from model import Transformer, attention_backend, check_dir
+from model import ModelArgs, Transformer, attention_backend, check_dir
 from report import write_text
 from rollout import generate
 
@@ -67,7 +68,8 @@ class Config:
     # plain sampling at this temperature (no top-p/top-k): the update's log-probs are the full softmax
     # at the same temperature, so the importance ratio starts at 1 (a truncated distribution would not)
     temperature: float = 1.0
-    rollout_batch: int = 256  # KV-cache slots per generate call
+    rollout_batch: int | str = 256  # KV-cache slots per generate call; "auto": on CUDA the most whose rollout fits
+    # in the free memory by memory.py's plan, on the CPU all of a rank's rows (the start-up print says which)
     cuda_graphs: bool | None = None  # replay decode steps from CUDA graphs (rollout.generate); None: on CUDA
     # length control (DESIGN.md, "where each choice lives"); the defaults are ThinkPrune's
     truncation: str = "zero"  # a completion with no EOS within its limit: "zero" reward 0 (ThinkPrune's paper);
@@ -121,9 +123,11 @@ class Config:
         choice("length_penalty", self.length_penalty, ("none", "kimi", "arora"))
         choice("adv_norm", self.adv_norm, ("group", "batch", "none"))
         choice("loss_agg", self.loss_agg, ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
-        for key in ("limit", "prompts_per_step", "rollout_batch", "minibatches", "ppo_epochs", "steps",
+        for key in ("limit", "prompts_per_step", "minibatches", "ppo_epochs", "steps",
                     "micro_batch_size", "logprob_chunk", "max_prompt_tokens", "max_sample_rounds"):
             check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
+        check(self.rollout_batch == "auto" or (isinstance(self.rollout_batch, int) and self.rollout_batch >= 1),
+              "rollout_batch", self.rollout_batch, "an int >= 1, or 'auto'")
         check(self.samples_per_prompt >= 2, "samples_per_prompt", self.samples_per_prompt,
               "GRPO compares samples of one prompt: give G >= 2")
         for key in ("warmup_steps", "save_every", "keep_last", "sample_every", "num_samples", "seed"):
@@ -553,12 +557,35 @@ def main(cfg: Config, reward_fn=None) -> str:
         return _run(cfg, reward_fn or reward.score, d, out_dir)
 
 
+def rollout_slots(cfg: Config, d: Dist) -> tuple[int, str]:
+    """KV-cache slots per generate call: cfg.rollout_batch, or for "auto" (with why that many) on CUDA the
+    most whose rollout fits in the GPU's free memory by memory.max_rollout_batch (the least over ranks), on
+    the CPU all of a rank's rows (the plan counts GPU memory; host memory is not what limits a CPU run)."""
+    if cfg.rollout_batch != "auto":
+        return cfg.rollout_batch, ""
+    rows = cfg.prompts_per_step // d.world * cfg.samples_per_prompt
+    if d.device.type != "cuda":
+        return rows, f"all {rows} rows of a rank (CPU)"
+    distributed.free_memory()  # blocks cached from an earlier stage are free memory too
+    free_gb = torch.cuda.mem_get_info(d.device)[0] / memory.GB
+    args = ModelArgs.from_hf_config(json.loads((Path(cfg.model) / "config.json").read_text()))
+    slots = -d.all_max(-memory.max_rollout_batch(args, cfg, d.world, free_gb))
+    if slots < 1:
+        raise ValueError(f"rollout_batch='auto': not one KV-cache slot fits in the {free_gb:.1f} GB free on "
+                         f"{d.device} (python bench/plan.py CONFIG --gpus {d.world} shows what takes the memory)")
+    return slots, f"the most that fit in {free_gb:.1f} GB free by memory.plan (the least over ranks)"
+
+
 def _run(cfg: Config, reward_fn, d: Dist, out_dir: Path) -> str:
     """main's run, under out_dir's lock."""
     from transformers import AutoTokenizer
+    slots, why = rollout_slots(cfg, d)
+    cfg = replace(cfg, rollout_batch=slots)  # resolved: printed and saved in checkpoints as it runs
     if d.rank == 0:
         ckpt.clean(out_dir)
         print(json.dumps(asdict(cfg), indent=1), flush=True)
+        if why:
+            print(f"rollout_batch=auto: {slots} KV-cache slots per generate call, {why}", flush=True)
     if d.world > 1:
         torch.distributed.barrier()
 

@@ -27,8 +27,8 @@ costs that check only (its line says `error`). `ok` is given where the check has
   untied embedding only a row per token) and each row's keys and values so far.
 - update: train.update on one micro-batch of 4 rows of 768 + 4000 tokens, the model sharded with FSDP2
   on one rank (fp32 master weights, bf16 compute, activation checkpointing, as train.py on several
-  GPUs). Two steps; the peak memory of the second (AdamW's states exist by then) against plan.py's update
-  figure for the same shape, without its reserve. ok: the measured peak is within the plan.
+  GPUs). Two steps; the peak memory of the second (AdamW's states exist by then) against memory.plan's
+  update figure for the same shape, without its reserve. ok: the measured peak is within the plan.
 - fsdp: FSDP2 on one rank: the sharded forward's logits against the plain bf16 model's, and greedy
   generation on the gathered model (train.unsharded, as the trainer's rollout) against the plain model's.
   ok: the same logits and tokens, and every parameter sharded again afterwards.
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import memory  # noqa: E402
 import plan  # noqa: E402
 from model import ModelArgs, Transformer  # noqa: E402
 from rollout import generate  # noqa: E402
@@ -197,7 +198,7 @@ def check_speed(ckpt: str, s: Sizes) -> dict:
     bandwidth = 10 * 2 * s.copy_bytes / (time.perf_counter() - t)  # bytes read + written per second
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                        if args.tie_word_embeddings or not name.startswith("embed_tokens"))
-    kv_token = plan.kv_cache_bytes(args, 1, 1, next(model.parameters()).element_size())
+    kv_token = memory.kv_cache_bytes(args, 1, 1, next(model.parameters()).element_size())
     generate(model, random_prompts(s, 2, s.prompt_len), n=1, max_new_tokens=4, eos_ids=())  # warm-up
     rows = []
     for w in s.widths:
@@ -264,7 +265,7 @@ def check_update(ckpt: str, s: Sizes) -> dict:
         moved = not torch.equal(before, model.layers[0].mlp.up_proj.weight.detach().to_local())
     finally:
         dist.destroy_process_group()
-    planned = plan.plan(model.args, cfg, gpus=1, gpu_mem_gb=0, fsdp=True)["update"]
+    planned = memory.plan(model.args, cfg, gpus=1, gpu_mem_gb=0, fsdp=True)["update"]
     out = {"rows": s.update_rows, "tokens_per_row": s.prompt_tokens + s.limit, "step_seconds": round(seconds, 2),
            "loss": stats[-1]["loss"], "grad_norm": stats[-1]["grad_norm"], "weights_moved": moved,
            "planned_gb": round(planned["total"] - planned["reserve"], 2),

@@ -1,6 +1,6 @@
-"""bench/plan.py: the memory plan's exact figures against the bytes of real tensors at small shapes (weights,
-FSDP2 shards on two ranks, gradients, AdamW states, the KV cache, what autograd saves in a block), and the
-verdicts it gives the shipped configs."""
+"""memory.py and bench/plan.py: the memory plan's exact figures against the bytes of real tensors at small
+shapes (weights, FSDP2 shards on two ranks, gradients, AdamW states, the KV cache, what autograd saves in a
+block), the verdicts it gives the shipped configs, and the CLI."""
 
 import json
 import subprocess
@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT / "bench"))  # after the root: bench/rollout.py must not shadow rollout.py
+import memory  # noqa: E402
 import plan  # noqa: E402
 import train  # noqa: E402
 from model import KVCache, ModelArgs, Transformer, rope_angles  # noqa: E402
@@ -30,13 +31,13 @@ def nbytes(tensors) -> int:
 
 
 def gb(n: int):
-    return pytest.approx(n / plan.GB, rel=1e-12, abs=0)
+    return pytest.approx(n / memory.GB, rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_one_gpu_figures_are_the_bytes_of_the_real_fp32_tensors(tied):
     args = ModelArgs(**TINY, tie_word_embeddings=tied)
-    p = plan.plan(args, CFG, gpus=1, gpu_mem_gb=80)  # one process: fp32, no FSDP, as train.py runs it
+    p = memory.plan(args, CFG, gpus=1, gpu_mem_gb=80)  # one process: fp32, no FSDP, as train.py runs it
     model = Transformer(args).init_weights()
     opt = torch.optim.AdamW(model.parameters())
     model(torch.randint(0, 211, (2, 5))).sum().backward()
@@ -53,7 +54,7 @@ def test_one_gpu_figures_are_the_bytes_of_the_real_fp32_tensors(tied):
 
 def test_bf16_figures_are_the_bytes_of_the_real_bf16_tensors():
     args = ModelArgs(**TINY)
-    p = plan.plan(args, replace(CFG, rollout_batch=100), gpus=1, gpu_mem_gb=80, fsdp=True)
+    p = memory.plan(args, replace(CFG, rollout_batch=100), gpus=1, gpu_mem_gb=80, fsdp=True)
     cache = KVCache(args, 12, 7 + 11, dtype=torch.bfloat16)  # 4 prompts x 3 samples: the slots stop at the rows
     assert p["rollout_batch"] == 12
     assert p["rollout"]["kv_cache"] == gb(nbytes([cache.k, cache.v]))
@@ -78,7 +79,7 @@ def test_block_activations_are_what_autograd_saves():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model.layers[0](x, cos, sin, pos, None, None, None)
     not_activations = {t.untyped_storage().data_ptr() for t in [cos, sin, x, *model.parameters()]}
-    assert sum(n for ptr, n in saved.items() if ptr not in not_activations) == plan.block_saved_bytes(args, B * T, 2)
+    assert sum(n for ptr, n in saved.items() if ptr not in not_activations) == memory.block_saved_bytes(args, B * T, 2)
 
 
 def _fsdp_rank(rank, init_file, out_file):
@@ -102,7 +103,7 @@ def _fsdp_rank(rank, init_file, out_file):
 def test_fsdp_shards_on_two_ranks_are_the_planned_bytes(tmp_path):
     """Rank 0's padded shards, gradients and AdamW states are the plan's figures; rank 1's are no larger."""
     mp.spawn(_fsdp_rank, args=(str(tmp_path / "init"), str(tmp_path / "held")), nprocs=2)
-    p = plan.plan(ModelArgs(**TINY), CFG, gpus=2, gpu_mem_gb=80)
+    p = memory.plan(ModelArgs(**TINY), CFG, gpus=2, gpu_mem_gb=80)
     r0, r1 = (json.loads((tmp_path / f"held.{r}").read_text()) for r in (0, 1))
     for key in ("weights", "grads", "optimizer"):
         assert p["update"][key] == gb(r0[key])
@@ -113,14 +114,14 @@ def test_fsdp_shards_on_two_ranks_are_the_planned_bytes(tmp_path):
 def test_max_rollout_batch_is_the_largest_that_fits():
     args, cfg = ModelArgs(**TINY), replace(CFG, prompts_per_step=64, samples_per_prompt=16)
     rows = 64 * 16
-    total = plan.plan(args, replace(cfg, rollout_batch=rows), 1, 80)["rollout"]["total"]
-    assert plan.max_rollout_batch(args, cfg, 1, total) == rows  # all the rows fit: no more slots are useful
-    mem = plan.plan(args, replace(cfg, rollout_batch=300), 1, 80)["rollout"]["total"]
-    best = plan.max_rollout_batch(args, cfg, 1, mem)
+    total = memory.plan(args, replace(cfg, rollout_batch=rows), 1, 80)["rollout"]["total"]
+    assert memory.max_rollout_batch(args, cfg, 1, total) == rows  # all the rows fit: no more slots are useful
+    mem = memory.plan(args, replace(cfg, rollout_batch=300), 1, 80)["rollout"]["total"]
+    best = memory.max_rollout_batch(args, cfg, 1, mem)
     assert best >= 300
-    assert plan.plan(args, replace(cfg, rollout_batch=best), 1, mem)["rollout"]["fits"]
-    assert not plan.plan(args, replace(cfg, rollout_batch=best + 1), 1, mem)["rollout"]["fits"]
-    assert plan.max_rollout_batch(args, cfg, 1, plan.RESERVE_GB) == 0  # not even the weights fit
+    assert memory.plan(args, replace(cfg, rollout_batch=best), 1, mem)["rollout"]["fits"]
+    assert not memory.plan(args, replace(cfg, rollout_batch=best + 1), 1, mem)["rollout"]["fits"]
+    assert memory.max_rollout_batch(args, cfg, 1, memory.RESERVE_GB) == 0  # not even the weights fit
 
 
 def test_schedule_config_is_planned_at_its_largest_limit_with_overrides():
@@ -135,11 +136,11 @@ def test_schedule_config_is_planned_at_its_largest_limit_with_overrides():
 def test_shipped_configs_fit_8_gpus_of_80gb_and_7b_at_256_slots_does_not():
     for path, shape in [("configs/thinkprune.py", "1.5B"), ("configs/stage1.py", "1.5B"),
                         ("configs/thinkprune_7b.py", "7B")]:
-        p = plan.plan(ModelArgs(**plan.SHAPES[shape]), plan.load_train_config(str(ROOT / path), []), 8, 80)
+        p = memory.plan(ModelArgs(**plan.SHAPES[shape]), plan.load_train_config(str(ROOT / path), []), 8, 80)
         assert p["rollout"]["fits"] and p["update"]["fits"], path
     # issue 19: the 7B rollout at the 1.5B configs' 256 slots runs out of memory
     cfg = plan.load_train_config(str(ROOT / "configs/thinkprune.py"), [])
-    p = plan.plan(ModelArgs(**plan.SHAPES["7B"]), cfg, 8, 80)
+    p = memory.plan(ModelArgs(**plan.SHAPES["7B"]), cfg, 8, 80)
     assert not p["rollout"]["fits"] and p["rollout"]["kv_cache"] > 64
 
 
@@ -154,3 +155,12 @@ def test_cli_prints_one_json_line_and_asks_for_a_shape_without_the_model(tmp_pat
     sys.argv = ["plan.py", "configs/stage1.py", f"--model={tmp_path}"]  # no config.json there
     with pytest.raises(SystemExit, match="--shape"):
         plan.main()
+
+
+def test_auto_rollout_batch_is_planned_at_the_most_slots_that_fit(monkeypatch, capsys):
+    """`--rollout_batch=auto` plans what train.py would resolve with gpu_mem_gb free: the largest that fits."""
+    monkeypatch.setattr(sys, "argv", ["plan.py", str(ROOT / "configs/thinkprune_7b.py"), "--shape", "7B",
+                                      "--rollout_batch=auto"])
+    plan.main()
+    out = json.loads(capsys.readouterr().out)
+    assert out["rollout_batch"] == out["max_rollout_batch"] > 128 and out["rollout"]["fits"]

@@ -152,6 +152,9 @@ def test_stage_configs_build_on_stage1_from_any_directory(tmp_path, monkeypatch)
     ("", ["--wandb=yes"], "--wandb=yes: expected true/false/1/0"),
     ("", ["--nope=1"], "--nope: unknown config key"),
     ("", ["steps=1"], "overrides are --key=value"),
+    ("rollout_batch = 2.5\n", [], "rollout_batch = 2.5 should be of type int | str"),
+    ("", ["--rollout_batch=sixty"], "rollout_batch='sixty': an int >= 1, or 'auto'"),
+    ("", ["--rollout_batch=0"], "rollout_batch=0: an int >= 1, or 'auto'"),
 ])
 def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     f = tmp_path / "c.py"
@@ -161,6 +164,14 @@ def test_config_errors_name_the_key(tmp_path, text, overrides, message):
     assert message in str(e.value)
     if text:
         assert str(f) in str(e.value)
+
+
+def test_rollout_batch_is_an_int_or_auto_from_a_file_or_the_command_line(tmp_path):
+    f = tmp_path / "c.py"
+    f.write_text("rollout_batch = 'auto'\n")
+    assert load_config(str(f), [], train.Config).rollout_batch == "auto"
+    assert load_config(str(f), ["--rollout_batch=64"], train.Config).rollout_batch == 64
+    assert load_config(None, ["--rollout_batch=auto"], train.Config).rollout_batch == "auto"
 
 
 def test_data_order_is_a_seeded_permutation_per_epoch():
@@ -210,6 +221,18 @@ def test_non_finite_loss_skips_the_optimizer_step(tiny, tmp_path):
     assert json.loads((out / "metrics.jsonl").read_text())["skipped"] == 1
     before, after = _params(tiny[0]), _params(out / "step_000001")
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_rollout_batch_auto_takes_all_of_a_ranks_rows_on_the_cpu_and_says_so(tiny, tmp_path, capsys):
+    """On the CPU "auto" is every row of the rank's step (4 prompts x 8 samples), printed at start and saved
+    resolved in the checkpoint; a step trains with it."""
+    cfg = tiny_cfg(tiny, tmp_path / "auto", "--steps=1", "--rollout_batch=auto")
+    assert train.rollout_slots(cfg, Dist(0, 1, torch.device("cpu")))[0] == 32
+    assert train.rollout_slots(cfg, Dist(0, 2, torch.device("cpu")))[0] == 16
+    out = Path(train.main(cfg, reward_fn=finish_reward))
+    assert "rollout_batch=auto: 32 KV-cache slots per generate call, all 32 rows of a rank (CPU)" in capsys.readouterr().out
+    assert json.loads((out / "metrics.jsonl").read_text())["step"] == 1
+    assert torch.load(out / "step_000001" / "trainer_state.pt", weights_only=False)["config"]["rollout_batch"] == 32
 
 
 def _params(ckpt):
