@@ -10,8 +10,9 @@ DeepSeek-R1-Distill-Qwen-1.5B's shape is built once and saved as a bf16 checkpoi
 directory; each check then runs in a subprocess of its own with its own timeout, so a hang or a crash
 costs that check only (its line says `error`). `ok` is given where the check has a pass/fail criterion.
 
-- env: torch, CUDA, the GPU; whether flash-attn imports and which attention model.py uses; which SDPA
-  kernels (flash, efficient, cudnn, math) run a causal bf16 attention.
+- env: torch, CUDA, the GPU; whether flash-attn imports and which attention model.py uses (prefill, and
+  whether decode steps run flash_attn_with_kvcache); which SDPA kernels (flash, efficient, cudnn, math)
+  run a causal bf16 attention.
 - parity: our bf16 logits against transformers' Qwen2ForCausalLM in bf16 on the same weights (max and
   mean difference, top-1 agreement), and each against transformers in fp32. ok: our mean error against
   fp32 is at most 1.5x transformers' own.
@@ -22,9 +23,18 @@ costs that check only (its line says `error`). `ok` is given where the check has
   recomputed from a full forward (`forward_logprobs`: fp32 log-softmax of the logits at the sampling
   temperature): mean and p99 absolute difference, and the fraction of tokens whose importance ratio falls
   outside [0.8, 1.2], i.e. what a 0.2 clip cuts at step 0, where the policy has not moved.
-- speed: decode tokens/s at widths 256/128/32/1 (no EOS: every row runs all its tokens) against the
-  HBM roofline from a measured device-to-device copy bandwidth: a step reads every weight once (of an
-  untied embedding only a row per token) and each row's keys and values so far.
+- speed: decode tokens/s at widths 256/128/32/1 (no EOS: every row runs all its tokens), with eager
+  steps and with steps replayed from CUDA graphs (capture included), against the HBM roofline from a
+  measured device-to-device copy bandwidth: a step reads every weight once (of an untied embedding only a
+  row per token) and each row's keys and values so far.
+- graphs: generate with decode steps replayed from CUDA graphs against eager steps, greedy and sampled,
+  rows of different limits through fewer slots than rows (continuous batching, packing, several
+  (width, length) graphs): ok: identical tokens (the same kernels run either way).
+- flash_decode: decode attention through flash_attn_with_kvcache (each row reads its own length of the
+  cache) against the SDPA decode (the padded prefix, a mask), both bf16 and sampled with one seed, rows as
+  in `graphs`: the fraction of identical rows (a rounding difference can move a draw, so it is read), and
+  each path's log-probs against an fp32 forward over its own tokens. ok: flash's mean error is at most
+  1.5x SDPA's. Without flash-attn (`flash_decode: false`) both sides are SDPA.
 - update: train.update on one micro-batch of 4 rows of 768 + 4000 tokens, the model sharded with FSDP2
   on one rank (fp32 master weights, bf16 compute, activation checkpointing, as train.py on several
   GPUs). Two steps; the peak memory of the second (AdamW's states exist by then) against memory.plan's
@@ -129,6 +139,7 @@ def check_env(ckpt: str, s: Sizes) -> dict:
         out["flash_attn"] = f"not importable: {e}"
     out["model_attention"] = "flash-attn" if model_module.flash_attn_func is not None and s.device == "cuda" \
         else "torch SDPA"
+    out["flash_decode"] = model_module.flash_decode(torch.device(s.device), s.dtype)
     q, k, v = (torch.randn(2, 12, 256, 128, device=s.device, dtype=s.dtype) for _ in range(3))
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
                     SDPBackend.MATH):
@@ -199,20 +210,75 @@ def check_speed(ckpt: str, s: Sizes) -> dict:
     weight_bytes = sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                        if args.tie_word_embeddings or not name.startswith("embed_tokens"))
     kv_token = memory.kv_cache_bytes(args, 1, 1, next(model.parameters()).element_size())
-    generate(model, random_prompts(s, 2, s.prompt_len), n=1, max_new_tokens=4, eos_ids=())  # warm-up
+    generate(model, random_prompts(s, 2, s.prompt_len), n=1, max_new_tokens=4, eos_ids=(), cuda_graphs=False)  # warm-up
     rows = []
     for w in s.widths:
         prompts = random_prompts(s, w, s.prompt_len, seed=w)
-        sync(s)
-        t = time.perf_counter()
-        generate(model, prompts, n=1, max_new_tokens=s.speed_tokens, eos_ids=(), max_batch=w)
-        sync(s)
-        tok_s = w * s.speed_tokens / (time.perf_counter() - t)
         mean_ctx = s.prompt_len + s.speed_tokens / 2  # rows grow linearly over the run
         roofline = w * bandwidth / (weight_bytes + w * mean_ctx * kv_token)
-        rows.append({"width": w, "tok_s": round(tok_s, 1), "roofline_tok_s": round(roofline, 1),
-                     "fraction": round(tok_s / roofline, 3)})
+        out = {"width": w, "roofline_tok_s": round(roofline, 1)}
+        for name, graphs in (("eager", False), ("graphed", True)):
+            if graphs and s.device != "cuda":
+                continue
+            sync(s)
+            t = time.perf_counter()
+            generate(model, prompts, n=1, max_new_tokens=s.speed_tokens, eos_ids=(), max_batch=w, cuda_graphs=graphs)
+            sync(s)
+            tok_s = w * s.speed_tokens / (time.perf_counter() - t)
+            out.update({f"{name}_tok_s": round(tok_s, 1), f"{name}_fraction": round(tok_s / roofline, 3)})
+        rows.append(out)
     return {"bandwidth_GBs": round(bandwidth / 1e9, 1), "new_tokens": s.speed_tokens, "widths": rows}
+
+
+def batching_case(s: Sizes):
+    """Prompts, per-prompt limits and a slot count that exercise continuous batching and packing: four
+    limits from new_tokens down to a quarter of it, half as many slots as rows."""
+    prompts = random_prompts(s, s.prompts, s.prompt_len, seed=4)
+    limits = [max(1, s.new_tokens // (1 + i % 4)) for i in range(s.prompts)]
+    return prompts, dict(n=s.samples, max_new_tokens=limits, eos_ids=(), max_batch=s.prompts * s.samples // 2)
+
+
+def check_graphs(ckpt: str, s: Sizes) -> dict:
+    model = load(ckpt, s)
+    graphs = s.device == "cuda"  # off the GPU both sides run eagerly: the check's code still runs
+    prompts, kw = batching_case(s)
+    out = {"graphed": graphs}
+    for name, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+        times, tokens = [], []
+        for cuda_graphs in (False, graphs):
+            sync(s)
+            t = time.perf_counter()
+            tokens.append(generate(model, prompts, temperature=temperature, seed=0, cuda_graphs=cuda_graphs, **kw).tokens)
+            sync(s)
+            times.append(time.perf_counter() - t)
+        out.update({f"{name}_tokens_equal": torch.equal(*tokens), f"{name}_eager_s": round(times[0], 2),
+                    f"{name}_graphed_s": round(times[1], 2)})
+    return {**out, "ok": out["greedy_tokens_equal"] and out["sampled_tokens_equal"]}
+
+
+def check_flash_decode(ckpt: str, s: Sizes) -> dict:
+    import model as model_module
+    model, reference = load(ckpt, s), load(ckpt, s, torch.float32)
+    prompts, kw = batching_case(s)
+    flash = model_module.flash_decode(torch.device(s.device), s.dtype)
+    kernel = model_module.flash_attn_with_kvcache
+    runs = {}
+    try:
+        for name in ("flash", "sdpa"):
+            model_module.flash_attn_with_kvcache = kernel if name == "flash" else None  # None: KVCache.flash is off
+            runs[name] = generate(model, prompts, temperature=1.0, seed=0, **kw)
+    finally:
+        model_module.flash_attn_with_kvcache = kernel
+    out = {"flash_decode": flash, "rows": len(runs["flash"].lengths),
+           "rows_identical": (runs["flash"].tokens == runs["sdpa"].tokens).all(1).float().mean().item()}
+    for name, ro in runs.items():
+        seqs = torch.cat([torch.tensor(prompts).repeat_interleave(s.samples, 0), ro.tokens], 1).to(s.device)
+        with torch.no_grad():  # a few rows at a time: (rows, T, V) fp32 logits
+            full = torch.cat([forward_logprobs(reference, seqs[i:i + 4], s.prompt_len, 1.0).cpu()
+                              for i in range(0, len(seqs), 4)])
+        valid = torch.arange(ro.tokens.size(1)) < ro.lengths[:, None]
+        out[f"{name}_vs_fp32"] = (full - ro.logprobs).abs()[valid].mean().item()
+    return {**out, "ok": out["flash_vs_fp32"] <= 1.5 * out["sdpa_vs_fp32"] + 1e-6}
 
 
 def fsdp_group(ckpt: str, s: Sizes):
@@ -308,7 +374,9 @@ CHECKS = {  # name: (function, timeout in seconds on a GPU)
     "parity": (check_parity, 300),
     "greedy": (check_greedy, 300),
     "logprobs": (check_logprobs, 300),
-    "speed": (check_speed, 420),
+    "speed": (check_speed, 600),
+    "graphs": (check_graphs, 300),
+    "flash_decode": (check_flash_decode, 300),
     "update": (check_update, 420),
     "fsdp": (check_fsdp, 300),
 }

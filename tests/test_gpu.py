@@ -33,6 +33,9 @@ def test_every_check_runs_on_a_tiny_cpu_model(name, ckpt):
         assert out["p99_abs_diff"] < 1e-5 and out["clip_fraction_at_0.2"] == 0.0
     if name == "speed":
         assert [w["width"] for w in out["widths"]] == list(gpu.SMOKE.widths) and out["bandwidth_GBs"] > 0
+        assert all(w["eager_tok_s"] > 0 and "graphed_tok_s" not in w for w in out["widths"])  # no graphs off CUDA
+    if name in ("graphs", "flash_decode"):  # off CUDA both sides run the same eager SDPA step
+        assert not out["graphed" if name == "graphs" else "flash_decode"]
     if name == "update":
         assert out["weights_moved"] and out["tokens_per_row"] == gpu.SMOKE.prompt_tokens + gpu.SMOKE.limit
 
