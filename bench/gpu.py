@@ -248,7 +248,8 @@ def check_graphs(ckpt: str, s: Sizes) -> dict:
         for cuda_graphs in (False, graphs):
             sync(s)
             t = time.perf_counter()
-            tokens.append(generate(model, prompts, temperature=temperature, seed=0, cuda_graphs=cuda_graphs, **kw).tokens)
+            ro = generate(model, prompts, temperature=temperature, seed=0, cuda_graphs=cuda_graphs, **kw)
+            tokens.append(ro.tokens)
             sync(s)
             times.append(time.perf_counter() - t)
         out.update({f"{name}_tokens_equal": torch.equal(*tokens), f"{name}_eager_s": round(times[0], 2),

@@ -230,7 +230,8 @@ def test_rollout_batch_auto_takes_all_of_a_ranks_rows_on_the_cpu_and_says_so(tin
     assert train.rollout_slots(cfg, Dist(0, 1, torch.device("cpu")))[0] == 32
     assert train.rollout_slots(cfg, Dist(0, 2, torch.device("cpu")))[0] == 16
     out = Path(train.main(cfg, reward_fn=finish_reward))
-    assert "rollout_batch=auto: 32 KV-cache slots per generate call, all 32 rows of a rank (CPU)" in capsys.readouterr().out
+    said = "rollout_batch=auto: 32 KV-cache slots per generate call, all 32 rows of a rank (CPU)"
+    assert said in capsys.readouterr().out
     assert json.loads((out / "metrics.jsonl").read_text())["step"] == 1
     assert torch.load(out / "step_000001" / "trainer_state.pt", weights_only=False)["config"]["rollout_batch"] == 32
 
