@@ -6,10 +6,13 @@ verbose reference traces, saved so that the rest of the pipeline cannot tell it 
                                            # then measures the base on the test set (greedy)
     python toy.py --out=runs/demo --steps=300 --hidden_size=96    # any ToyConfig field as --key=value
 
-The task: "The path is 6 9 0 2 4 3 5 1 8 7. Start at 0 and take four steps along it. Where do you end?"
-(3 to 9 steps; the answer is a near-uniform digit). One written step ("three: 0>2.") is one retrieval,
-which a small transformer learns as an induction head; the SFT'd model does not take the shortcut (the
-digit k places on), so the written steps are necessary in practice (budget forcing shows it).
+The task: "Start at 47 and add 8, five times, keeping the last two digits. What do you get?" (1 to 12
+steps: the difficulty; the necessary trace grows ~5x from the easiest to the hardest). A written step
+("three: 63+8=71.", counted down to "one" so that where to stop is plain) is a small sum the model learns
+early; the answer of k steps at once is never shown, so the written steps are necessary (budget forcing
+shows it). The reference thinker slips: with probability `p_slip` a step forgets to add ("71+8=71.") and
+goes on unnoticed; one value, not a spread, so slips survive sampling at temperature 0.6. The base is
+then good but not perfect, and worse on longer problems (~0.95^k at T=0.6): accuracy RL can gain.
 
 Choices:
 - The traces (`write_trace`) waste tokens the way long thinkers do, each with a probability in
@@ -19,7 +22,7 @@ Choices:
 - The tokenizer is byte-level BPE with every digit its own token (as Qwen's): lengths are counted in
   tokens and prompts carry ThinkPrune's system prompt, so words should be short. <think> and </think>
   are added, not special (as in R1-Distill); the chat template ends with "<|assistant|><think>\n".
-- SFT prompts come from data.build_prompt, as in RL and evaluation. A quarter of the batches carry the
+- SFT prompts come from data.build_prompt, as in RL and evaluation. A quarter of them carry the
   limit system prompt with a generous random limit, so the limit sentence is familiar text that does not
   change the output: only the cutoff reward teaches the model to be short, which is ThinkPrune's claim.
   The loss covers the assistant part, EOS included.
@@ -49,75 +52,85 @@ from model import ModelArgs, Transformer
 
 # ---- the task -------------------------------------------------------------------------------------------
 
-WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-PROBLEM = "The path is {path}. Start at {start} and take {k} steps along it. Where do you end?"
-PROBLEM_RE = re.compile(r"The path is ([\d ]+)\. Start at (\d) and take (\w+) steps along it\. Where do you end\?")
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
+         "twelve", "thirteen", "fourteen", "fifteen")
+PROBLEM = "Start at {start} and add {add}, {k}, keeping the last two digits. What do you get?"
+PROBLEM_RE = re.compile(r"Start at (\d\d) and add (\d), (\w+) times?, keeping the last two digits\. What do you get\?")
 
 
-def parse_problem(text: str) -> tuple[dict, int, int]:
-    """-> (nxt, start, k): nxt[x] = the digit after x on the path, the start, the number of steps."""
+def parse_problem(text: str) -> tuple[int, int, int]:
+    """-> (start, add, k): the two-digit start, the digit added at each step, the number of steps."""
     m = PROBLEM_RE.fullmatch(text)
-    if m is None or m.group(3) not in WORDS:
+    if not m or m.group(3) not in WORDS[1:] or m.group(2) == "0":
         raise ValueError(f"not a toy problem: {text!r}")
-    path = [int(d) for d in m.group(1).split()]
-    return dict(zip(path, path[1:])), int(m.group(2)), WORDS.index(m.group(3))
+    return int(m.group(1)), int(m.group(2)), WORDS.index(m.group(3))
 
 
-def make_problems(n: int, seed: int, min_steps: int = 3, max_steps: int = 9, split: str = "train",
+def problem_text(start: int, add: int, k: int) -> str:
+    return PROBLEM.format(start=f"{start:02d}", add=add, k=WORDS[k] + (" times" if k > 1 else " time"))
+
+
+def make_problems(n: int, seed: int, min_steps: int = 1, max_steps: int = 12, split: str = "train",
                   exclude: set[str] = frozenset()) -> list[dict]:
-    """n distinct problems (none in `exclude`) as benchmark rows {id, problem, answer, difficulty (the number
-    of steps), source}."""
+    """n problems, none in `exclude`, as benchmark rows {id, problem, answer (two digits), difficulty (the
+    number of steps), source}: the space (100 starts x 9 digits x the step counts) shuffled, distinct until
+    it runs out, then repeated in the same order."""
     rng = random.Random(seed)
-    rows, seen = [], set(exclude)
-    while len(rows) < n:
-        path, k = rng.sample(range(10), 10), rng.randint(min_steps, max_steps)
-        i = rng.randrange(10 - k)  # the walk stays on the path
-        problem = PROBLEM.format(path=" ".join(map(str, path)), start=path[i], k=WORDS[k])
-        if problem in seen:
-            continue
-        seen.add(problem)
-        rows.append({"id": f"toy-{split}-{len(rows):05d}", "problem": problem, "answer": str(path[i + k]),
+    space = [(start, add, k) for k in range(min_steps, max_steps + 1) for add in range(1, 10) for start in range(100)]
+    rng.shuffle(space)
+    pool = [(problem_text(*p), p) for p in space if problem_text(*p) not in exclude]
+    if not pool:
+        raise ValueError(f"make_problems: every problem of {min_steps}-{max_steps} steps is excluded")
+    rows = []
+    for i in range(n):
+        problem, (start, add, k) = pool[i % len(pool)]
+        rows.append({"id": f"toy-{split}-{i:05d}", "problem": problem, "answer": f"{(start + k * add) % 100:02d}",
                      "difficulty": k, "source": f"toy.py:make_problems(seed={seed})"})
     return rows
 
 
 @dataclass
 class TraceStyle:
-    """How verbose the reference traces are: the probabilities of each kind of wasted text."""
+    """How the reference thinker writes: the probabilities of each kind of wasted text, and of a slip."""
     p_open: float = 0.5  # an opening sentence restating the plan
-    p_check: float = 0.5  # after a correct step, re-check it ("Wait, let me check: 0>2. Yes.")
+    p_check: float = 0.8  # after a correct step, re-check it ("Wait, let me check: 63+8=71. Yes.")
     p_wrong: float = 0.1  # write a wrong value first, then "Wait, that's wrong." and the right one
-    p_verify: float = 0.5  # at the end, redo the whole chain once more
+    p_verify: float = 0.8  # at the end, redo the whole chain once more
+    p_slip: float = 0.0  # a step that forgets to add ("three: 71+8=71.") and goes on from there, unnoticed
 
 
 def write_trace(problem: str, rng: random.Random, style: TraceStyle = TraceStyle()) -> str:
-    """The completion after the prompt's "<think>\\n": steps, re-checks, corrections, then the answer."""
-    nxt, s, k = parse_problem(problem)
+    """The completion after the prompt's "<think>\\n": steps, re-checks, corrections, then the answer. Steps
+    count down ("five: ...", "four: ...", ..., "one: ..."), so where to stop is never in doubt."""
+    s, add, k = parse_problem(problem)
     out = []
     if rng.random() < style.p_open:
-        out.append(f"Okay, I start at {s} and take {WORDS[k]} steps, one at a time.\n")
-    steps = []
-    for i in range(1, k + 1):
-        r = nxt[s]
-        if rng.random() < style.p_wrong:
-            w = rng.choice([v for v in range(10) if v != r])
-            out.append(f"{WORDS[i]}: {s}>{w}.\nWait, that's wrong. {WORDS[i]}: {s}>{r}.\n")
+        out.append(f"Okay, I start at {s:02d} and add {add}, {WORDS[k]} times. I count the steps down.\n")
+    values = []
+    for i in range(k, 0, -1):
+        r = (s + add) % 100
+        if rng.random() < style.p_slip:  # one value, not a spread: the slip survives sampling at T < 1
+            r = s
+            out.append(f"{WORDS[i]}: {s:02d}+{add}={r:02d}.\n")
+        elif rng.random() < style.p_wrong:
+            w = rng.choice([v for v in range(100) if v != r and v // 10 in (r // 10, (r // 10 + 9) % 10)])
+            out.append(f"{WORDS[i]}: {s:02d}+{add}={w:02d}.\nWait, that's wrong. {WORDS[i]}: {s:02d}+{add}={r:02d}.\n")
         else:
-            out.append(f"{WORDS[i]}: {s}>{r}.\n")
+            out.append(f"{WORDS[i]}: {s:02d}+{add}={r:02d}.\n")
             if rng.random() < style.p_check:
-                out.append(rng.choice([f"Wait, let me check: {s}>{r}. Yes.\n",
-                                       f"Wait, let me double-check where {s} goes: {s}>{r}. Right.\n"]))
-        steps.append(f"{s}>{r}")
+                out.append(rng.choice([f"Wait, let me check: {s:02d}+{add}={r:02d}. Yes.\n",
+                                       f"Wait, let me double-check {s:02d}+{add}: {r:02d}. Right.\n"]))
+        values.append(f"{WORDS[i]} {r:02d}")
         s = r
     if rng.random() < style.p_verify:
-        out.append(f"Wait, let me verify by redoing it: {', '.join(steps)}. Yes, {s}.\n")
-    out.append(f"</think>\n\n**Final Answer:**\n\n$\\boxed{{{s}}}$")
+        out.append(f"Wait, let me verify by redoing it: {', '.join(values)}. Yes, {s:02d}.\n")
+    out.append(f"</think>\n\n**Final Answer:**\n\n$\\boxed{{{s:02d}}}$")
     return "".join(out)
 
 
 def minimal_trace(problem: str) -> str:
     """The shortest trace that still does every step: what a perfectly pruned model would write."""
-    return write_trace(problem, random.Random(0), TraceStyle(0, 0, 0, 0))
+    return write_trace(problem, random.Random(0), TraceStyle(0, 0, 0, 0, 0))
 
 
 # ---- the tokenizer --------------------------------------------------------------------------------------
@@ -158,10 +171,15 @@ def save_tokenizer(tok: Tokenizer, out: Path):
 
 # ---- SFT ------------------------------------------------------------------------------------------------
 
+SORT_BATCHES = 8  # batches cut from one length-sorted run of rows
+
 @dataclass
 class ToyConfig:
     out: str = "runs/toy"
-    n_train: int = 20000  # RL problems; the SFT draws its own, disjoint from val and test
+    min_steps: int = 1  # difficulty: the number of steps, drawn uniformly from [min_steps, max_steps]
+    max_steps: int = 12
+    p_slip: float = 0.1  # the reference thinker's slips per step: the base's errors, more on longer walks
+    n_train: int = 10000  # RL problems (the rest of the 10,800); the SFT draws its own, none from val or test
     n_val: int = 200
     n_test: int = 500
     vocab_size: int = 512
@@ -170,7 +188,7 @@ class ToyConfig:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    steps: int = 2300  # fewer left the base's accuracy build-dependent (README)
+    steps: int = 800
     batch_size: int = 16
     lr: float = 3e-3
     init_std: float = 0.08  # larger random q/k form the retrieval heads sooner: the digit loss leaves chance (ln 10)
@@ -186,39 +204,49 @@ class ToyConfig:
             check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         check(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
               self.num_key_value_heads, "must divide num_attention_heads")
+        check(1 <= self.min_steps <= self.max_steps < len(WORDS), "max_steps", (self.min_steps, self.max_steps),
+              f"need 1 <= min_steps <= max_steps <= {len(WORDS) - 1}")
+        check(0 <= self.p_slip < 1, "p_slip", self.p_slip, "a probability in [0, 1)")
         check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
         check(0 <= self.p_limit <= 1, "p_limit", self.p_limit, "a probability in [0, 1]")
 
 
-def sft_batch(tokenizer, rows: list[dict], rng: random.Random, p_limit: float):
-    """Prompt + trace + EOS, right-padded: x (B, T) and the loss mask (B, T) over the completion."""
-    seqs, starts = [], []
-    with_limit = rng.random() < p_limit  # the whole batch or none of it: the system turn is long, padding costs
-    for row in rows:
-        limit = rng.randint(400, 4000) if with_limit else None
-        p = build_prompt(tokenizer, row["problem"], limit, SYSTEM_PROMPT)
-        c = tokenizer.encode(write_trace(row["problem"], rng), add_special_tokens=False) + [tokenizer.eos_token_id]
-        seqs.append(p + c)
-        starts.append(len(p))
-    T = max(map(len, seqs))
-    x = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.bool)
-    for i, (s, p) in enumerate(zip(seqs, starts)):
-        x[i, :len(s)] = torch.tensor(s)
-        mask[i, p:len(s)] = True
-    return x, mask
+def sft_batches(tokenizer, rows: list[dict], rng: random.Random, cfg: ToyConfig, style: TraceStyle):
+    """Yield (x (B, T), loss mask (B, T) over the completion): prompt + trace + EOS, right-padded. Each run of
+    `SORT_BATCHES` batches is cut from its rows sorted by length, then shuffled: lengths vary ~10x (1 to
+    12 steps, some prompts with the long system turn), and a batch of similar lengths hardly pads."""
+    n = cfg.batch_size * SORT_BATCHES
+    for i in range(0, len(rows), n):
+        seqs = []
+        for row in rows[i:i + n]:
+            limit = rng.randint(400, 4000) if rng.random() < cfg.p_limit else None
+            p = build_prompt(tokenizer, row["problem"], limit, SYSTEM_PROMPT)
+            c = tokenizer.encode(write_trace(row["problem"], rng, style), add_special_tokens=False)
+            seqs.append((p + c + [tokenizer.eos_token_id], len(p)))
+        seqs.sort(key=lambda sp: len(sp[0]))
+        batches = [seqs[j:j + cfg.batch_size] for j in range(0, len(seqs), cfg.batch_size)]
+        rng.shuffle(batches)
+        for batch in batches:
+            x = torch.zeros(len(batch), max(len(s) for s, _ in batch), dtype=torch.long)
+            mask = torch.zeros_like(x, dtype=torch.bool)
+            for r, (s, start) in enumerate(batch):
+                x[r, :len(s)] = torch.tensor(s)
+                mask[r, start:len(s)] = True
+            yield x, mask
 
 
 def build(cfg: ToyConfig) -> Path:
     """Write {out}/data/{train,val,test}.jsonl and the SFT'd base in {out}/base; return the base dir."""
     torch.set_num_threads(cfg.threads)
     out, rng = Path(cfg.out), random.Random(cfg.seed)
-    test = make_problems(cfg.n_test, cfg.seed + 2, split="test")
-    val = make_problems(cfg.n_val, cfg.seed + 1, split="val", exclude={r["problem"] for r in test})
+    steps = (cfg.min_steps, cfg.max_steps)
+    test = make_problems(cfg.n_test, cfg.seed + 2, *steps, split="test")
+    val = make_problems(cfg.n_val, cfg.seed + 1, *steps, split="val", exclude={r["problem"] for r in test})
     held_out = {r["problem"] for r in test + val}
-    train = make_problems(cfg.n_train, cfg.seed, split="train", exclude=held_out)
+    train = make_problems(cfg.n_train, cfg.seed, *steps, split="train", exclude=held_out)
+    style = TraceStyle(p_slip=cfg.p_slip)
     base = out / "base"
-    corpus = [write_trace(r["problem"], rng) for r in train[:2000]] + [r["problem"] + " " + INSTRUCTION
+    corpus = [write_trace(r["problem"], rng, style) for r in train[:2000]] + [r["problem"] + " " + INSTRUCTION
                                                                       for r in train[:2000]]
     save_tokenizer(build_tokenizer(corpus + [SYSTEM_PROMPT] * 100, cfg.vocab_size), base)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -236,15 +264,16 @@ def build(cfg: ToyConfig) -> Path:
     model = Transformer(args).init_weights(std=cfg.init_std, seed=cfg.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}", flush=True)
-    sft_rows = make_problems(cfg.steps * cfg.batch_size, cfg.seed + 3, split="sft", exclude=held_out)
+    sft_rows = make_problems(cfg.steps * cfg.batch_size, cfg.seed + 3, *steps, split="sft", exclude=held_out)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
     log = open(out / "sft_metrics.jsonl", "w")
     t0 = time.time()
+    batches = sft_batches(tokenizer, sft_rows, rng, cfg, style)
     for step in range(cfg.steps):
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * (0.55 + 0.45 * math.cos(math.pi * step / cfg.steps))
         for g in opt.param_groups:
             g["lr"] = lr
-        x, mask = sft_batch(tokenizer, sft_rows[step * cfg.batch_size:(step + 1) * cfg.batch_size], rng, cfg.p_limit)
+        x, mask = next(batches)
         logits = model(x[:, :-1])  # (B, T-1, V) predicts x[:, 1:]
         nll = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten(), reduction="none")
         loss = (nll * mask[:, 1:].flatten()).sum() / mask[:, 1:].sum()

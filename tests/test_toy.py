@@ -17,26 +17,34 @@ from reward import extract_answer, is_equiv
 from rollout import generate
 
 
+NUMBERS = "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen".split()
+
+
 def oracle(problem: str) -> str:
-    """The answer recomputed without toy.py's helpers: walk k places along the path in the text."""
-    path, start, k = re.match(r"The path is ([\d ]+)\. Start at (\d) and take (\w+) steps", problem).groups()
-    path = path.split()
-    return path[path.index(start) + "zero one two three four five six seven eight nine".split().index(k)]
+    """The answer recomputed without toy.py's helpers: add the digit k times to the start, mod 100."""
+    start, add, k = re.match(r"Start at (\d\d) and add (\d), (\w+) times?,", problem).groups()
+    value = int(start)
+    for _ in range(NUMBERS.index(k)):
+        value = (value + int(add)) % 100
+    return f"{value:02d}"
 
 
 def test_problems_are_deterministic_distinct_and_correct():
-    rows = toy.make_problems(300, seed=7)
-    assert rows == toy.make_problems(300, seed=7)
-    assert rows != toy.make_problems(300, seed=8)
-    assert len({r["problem"] for r in rows}) == len({r["id"] for r in rows}) == 300
+    rows = toy.make_problems(1000, seed=7)
+    assert rows == toy.make_problems(1000, seed=7)
+    assert rows != toy.make_problems(1000, seed=8)
+    assert len({r["problem"] for r in rows}) == len({r["id"] for r in rows}) == 1000
     for r in rows:
         assert set(r) == {"id", "problem", "answer", "difficulty", "source"}
         assert r["answer"] == oracle(r["problem"])
-        assert r["difficulty"] == toy.WORDS.index(r["problem"].split(" take ")[1].split()[0])  # the steps asked for
+        assert r["difficulty"] == NUMBERS.index(r["problem"].split(", ")[1].split()[0])  # the steps asked for
     n_steps = [toy.parse_problem(r["problem"])[2] for r in rows]
-    assert min(n_steps) == 3 and max(n_steps) == 9  # lengths vary with the problem
+    assert min(n_steps) == 1 and max(n_steps) == 12  # lengths vary with the problem
+    assert sum(toy.parse_problem(r["problem"])[0] + 9 * k >= 100 for r, k in zip(rows, n_steps)) > 100  # wraps
     answers = [r["answer"] for r in rows]
-    assert max(answers.count(str(d)) for d in range(10)) < 0.2 * len(rows)  # no answer worth guessing
+    assert max(answers.count(f"{d:02d}") for d in range(100)) < 0.03 * len(rows)  # no answer worth guessing
+    with pytest.raises(ValueError, match="not a toy problem"):
+        toy.parse_problem("Start at 12 and add 0, two times, keeping the last two digits. What do you get?")
 
 
 def test_exclude_keeps_held_out_problems_out():
@@ -54,22 +62,34 @@ def test_traces_think_then_answer_the_gold():
         assert answer == f"\n\n**Final Answer:**\n\n$\\boxed{{{r['answer']}}}$"
         assert extract_answer(t) == r["answer"] and is_equiv(extract_answer(t), r["answer"])
         # every necessary step is written, numbered, with its right value somewhere in the thinking
-        nxt, s, k = toy.parse_problem(r["problem"])
-        for i in range(1, k + 1):
-            assert f"{toy.WORDS[i]}: {s}>{nxt[s]}.\n" in thinking
-            s = nxt[s]
-        assert f"{toy.WORDS[k + 1] if k < 9 else 'ten'}:" not in thinking  # and no step past the k-th
+        s, add, k = toy.parse_problem(r["problem"])
+        for i in range(k, 0, -1):  # counted down: "five: ..." first, "one: ..." last
+            assert f"{toy.WORDS[i]}: {s:02d}+{add}={(s + add) % 100:02d}.\n" in thinking
+            s = (s + add) % 100
+        assert f"{toy.WORDS[k + 1]}:" not in thinking and thinking.rstrip().endswith(".")  # no step past k
         # a wrong value is always followed by its correction for the same step
-        for wrong, fix in re.findall(r"(\w+: \d)>\d\.\nWait, that's wrong\. (\w+: \d)>", t):
+        for wrong, fix in re.findall(r"(\w+: \d\d\+\d)=\d\d\.\nWait, that's wrong\. (\w+: \d\d\+\d)=", t):
             assert wrong == fix
         waits.append(t.count("Wait"))
     assert sum(waits) / len(waits) > 2
 
 
+def test_slips_stay_put_go_unnoticed_and_make_longer_walks_wrong_more_often():
+    r = toy.make_problems(1, seed=4, min_steps=5, max_steps=5)[0]
+    start, add, k = toy.parse_problem(r["problem"])
+    t = toy.write_trace(r["problem"], random.Random(0), toy.TraceStyle(p_slip=1.0))
+    assert t.count(f"{start:02d}+{add}={start:02d}.") >= k and "wrong" not in t and extract_answer(t) == f"{start:02d}"
+    rng, style, wrong = random.Random(0), toy.TraceStyle(p_slip=0.1), {}
+    for r in toy.make_problems(3000, seed=5):
+        wrong.setdefault(r["difficulty"], []).append(extract_answer(toy.write_trace(r["problem"], rng, style)) != r["answer"])
+    rate = {k: sum(v) / len(v) for k, v in wrong.items()}
+    assert abs(rate[1] - 0.1) < 0.06 and abs(rate[12] - (1 - 0.9**12)) < 0.1  # 1 - 0.9^k of the walks slip
+
+
 def test_minimal_trace_keeps_every_step_and_no_redundancy():
     r = toy.make_problems(1, seed=3)[0]
     t = toy.minimal_trace(r["problem"])
-    assert "Wait" not in t and t.split("</think>")[0].count(">") == toy.parse_problem(r["problem"])[2]
+    assert "Wait" not in t and t.split("</think>")[0].count("+") == toy.parse_problem(r["problem"])[2]
     assert extract_answer(t) == r["answer"]
     verbose = [toy.write_trace(r["problem"], random.Random(i)) for i in range(50)]
     assert sum(map(len, verbose)) / 50 > 2 * len(t)
@@ -126,10 +146,10 @@ def test_tiny_sft_lowers_the_loss_and_saves_a_loadable_checkpoint(tmp_path):
     held_out = {r["problem"] for r in splits["val"] + splits["test"]}
     assert not held_out & {r["problem"] for r in splits["train"]}
     # difficulty is the number of steps the problem asks for; necessary_length counts the minimal trace's
-    # tokens and EOS: each step writes at least its two digits, ">" and "." (digits are single tokens)
+    # tokens and EOS: each step writes at least five digits, "+", "=" and "." (digits are single tokens)
     rows = splits["train"] + splits["test"]
-    assert all(r["difficulty"] == toy.WORDS.index(r["problem"].split(" take ")[1].split()[0]) for r in rows)
-    assert all(r["necessary_length"] >= 4 * r["difficulty"] + 1 for r in rows)
+    assert all(r["difficulty"] == NUMBERS.index(r["problem"].split(", ")[1].split()[0]) for r in rows)
+    assert all(r["necessary_length"] >= 8 * r["difficulty"] + 1 for r in rows)
     by_k = {}
     for r in rows:
         by_k.setdefault(r["difficulty"], []).append(r["necessary_length"])
