@@ -47,6 +47,22 @@ def test_problems_are_deterministic_distinct_and_correct():
         toy.parse_problem("Start at 12 and add 0, two times, keeping the last two digits. What do you get?")
 
 
+def test_a_hand_made_problem_parses_walks_and_is_graded():
+    problem = "Start at 97 and add 8, three times, keeping the last two digits. What do you get?"
+    assert toy.parse_problem(problem) == (97, 8, 3)
+    assert toy.minimal_trace(problem) == ("three: 97+8=05.\ntwo: 05+8=13.\none: 13+8=21.\n</think>\n\n"
+                                          "**Final Answer:**\n\n$\\boxed{21}$")  # 105 keeps 05: mod 100
+    assert toy.parse_problem(problem.replace("three times", "one time")) == (97, 8, 1)
+    for bad in ("Start at 7 and add 8, three times, keeping the last two digits. What do you get?",  # one digit
+                "Start at 97 and add 8, zero times, keeping the last two digits. What do you get?",
+                "Start at 97 and add 8, three times. What do you get?"):
+        with pytest.raises(ValueError, match="not a toy problem"):
+            toy.parse_problem(bad)
+    # the grader reads the two-digit answer as a number: a leading zero does not matter, a slip does
+    assert is_equiv(extract_answer("</think>\n\n**Final Answer:**\n\n$\\boxed{05}$"), "05")
+    assert is_equiv("5", "05") and not is_equiv("13", "21")
+
+
 def test_exclude_keeps_held_out_problems_out():
     test = toy.make_problems(200, seed=2, min_steps=3, max_steps=3)
     train = toy.make_problems(500, seed=0, min_steps=3, max_steps=3, exclude={r["problem"] for r in test})
@@ -81,7 +97,8 @@ def test_slips_stay_put_go_unnoticed_and_make_longer_walks_wrong_more_often():
     assert t.count(f"{start:02d}+{add}={start:02d}.") >= k and "wrong" not in t and extract_answer(t) == f"{start:02d}"
     rng, style, wrong = random.Random(0), toy.TraceStyle(p_slip=0.1), {}
     for r in toy.make_problems(3000, seed=5):
-        wrong.setdefault(r["difficulty"], []).append(extract_answer(toy.write_trace(r["problem"], rng, style)) != r["answer"])
+        answer = extract_answer(toy.write_trace(r["problem"], rng, style))
+        wrong.setdefault(r["difficulty"], []).append(answer != r["answer"])
     rate = {k: sum(v) / len(v) for k, v in wrong.items()}
     assert abs(rate[1] - 0.1) < 0.06 and abs(rate[12] - (1 - 0.9**12)) < 0.1  # 1 - 0.9^k of the walks slip
 
