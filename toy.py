@@ -188,7 +188,7 @@ class ToyConfig:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    steps: int = 800
+    steps: int = 800  # three seeds measured in the README; fewer left the base build-dependent
     batch_size: int = 16
     lr: float = 3e-3
     init_std: float = 0.08  # larger random q/k form the retrieval heads sooner: the digit loss leaves chance (ln 10)
