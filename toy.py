@@ -3,7 +3,7 @@ The embedded task: a synthetic long-thinking problem set, its tokenizer, and a t
 verbose reference traces, saved so that the rest of the pipeline cannot tell it from R1-Distill.
 
     python toy.py                          # builds runs/toy/{base/, data/{train,val,test}.jsonl} if absent,
-                                           # then measures the base on the test set (greedy)
+                                           # then measures the base on the test set (T=0.6, as demo.py)
     python toy.py --out=runs/demo --steps=300 --hidden_size=96    # any ToyConfig field as --key=value
 
 The task: "Start at 47 and add 8, five times, keeping the last two digits. What do you get?" (1 to 12
@@ -313,7 +313,7 @@ def ensure_base(cfg: ToyConfig) -> Path:
 
 # ---- measuring the base ---------------------------------------------------------------------------------
 
-def report(base: Path, problems: list[dict], temperature: float, max_new_tokens: int = 512) -> dict:
+def report(base: Path, problems: list[dict], temperature: float, max_new_tokens: int = 640) -> dict:
     """Accuracy, length and "Wait"s of the base on `problems`, then budget forcing at half its mean length."""
     model, tokenizer = Transformer.from_pretrained(base, device="cpu"), AutoTokenizer.from_pretrained(base)
     floor = [len(tokenizer.encode(minimal_trace(p["problem"]), add_special_tokens=False)) + 1 for p in problems]
@@ -335,4 +335,4 @@ if __name__ == "__main__":
     cfg = load_config(None, sys.argv[1:], ToyConfig)
     base = ensure_base(cfg)
     torch.set_num_threads(cfg.threads)
-    report(base, load_problems(Path(cfg.out) / "data" / "test.jsonl"), temperature=0.0)
+    report(base, load_problems(Path(cfg.out) / "data" / "test.jsonl"), temperature=0.6)
