@@ -1,6 +1,6 @@
 # The length-control sweep on the embedded task (python sweep.py): every method at two final limits, three
 # RL seeds each, from one base. The task's necessary lengths run 31-163 tokens (~100 on average, growing
-# with the number of steps): L=175 leaves room for the longest chains, L=120 is below those of 8 steps and
+# with the number of steps): L=175 leaves room for the longest chains, L=120 is below those of 9 steps and
 # more, where a method must trade accuracy for length.
 out_dir = "runs/sweep"
 toy = dict()  # the demo's base settings (toy.ToyConfig defaults), built once in runs/sweep/base
