@@ -12,7 +12,7 @@ steps: the difficulty; the necessary trace grows ~5x from the easiest to the har
 early; the answer of k steps at once is never shown, so the written steps are necessary (budget forcing
 shows it). The reference thinker slips: with probability `p_slip` a step forgets to add ("71+8=71.") and
 goes on unnoticed; one value, not a spread, so slips survive sampling at temperature 0.6. The base is
-then good but not perfect, and worse on longer problems (~0.95^k at T=0.6): accuracy RL can gain.
+then good but not perfect, and worse on longer problems: accuracy RL can gain.
 
 Choices:
 - The traces (`write_trace`) waste tokens the way long thinkers do, each with a probability in
@@ -78,7 +78,7 @@ def make_problems(n: int, seed: int, min_steps: int = 1, max_steps: int = 12, sp
     rng = random.Random(seed)
     space = [(start, add, k) for k in range(min_steps, max_steps + 1) for add in range(1, 10) for start in range(100)]
     rng.shuffle(space)
-    pool = [(problem_text(*p), p) for p in space if problem_text(*p) not in exclude]
+    pool = [(text, p) for p in space if (text := problem_text(*p)) not in exclude]
     if not pool:
         raise ValueError(f"make_problems: every problem of {min_steps}-{max_steps} steps is excluded")
     rows = []
@@ -109,14 +109,18 @@ def write_trace(problem: str, rng: random.Random, style: TraceStyle = TraceStyle
     values = []
     for i in range(k, 0, -1):
         r = (s + add) % 100
+
+        def step(v: int) -> str:  # step i written with value v
+            return f"{WORDS[i]}: {s:02d}+{add}={v:02d}.\n"
+
         if rng.random() < style.p_slip:  # one value, not a spread: the slip survives sampling at T < 1
             r = s
-            out.append(f"{WORDS[i]}: {s:02d}+{add}={r:02d}.\n")
+            out.append(step(r))
         elif rng.random() < style.p_wrong:
             w = rng.choice([v for v in range(100) if v != r and v // 10 in (r // 10, (r // 10 + 9) % 10)])
-            out.append(f"{WORDS[i]}: {s:02d}+{add}={w:02d}.\nWait, that's wrong. {WORDS[i]}: {s:02d}+{add}={r:02d}.\n")
+            out.append(step(w) + "Wait, that's wrong. " + step(r))
         else:
-            out.append(f"{WORDS[i]}: {s:02d}+{add}={r:02d}.\n")
+            out.append(step(r))
             if rng.random() < style.p_check:
                 out.append(rng.choice([f"Wait, let me check: {s:02d}+{add}={r:02d}. Yes.\n",
                                        f"Wait, let me double-check {s:02d}+{add}: {r:02d}. Right.\n"]))
@@ -173,6 +177,7 @@ def save_tokenizer(tok: Tokenizer, out: Path):
 
 SORT_BATCHES = 8  # batches cut from one length-sorted run of rows
 
+
 @dataclass
 class ToyConfig:
     out: str = "runs/toy"
@@ -188,10 +193,10 @@ class ToyConfig:
     num_hidden_layers: int = 3
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
-    steps: int = 800  # three seeds measured in the README; fewer left the base build-dependent
+    steps: int = 800  # the README's three builds of this task
     batch_size: int = 16
     lr: float = 3e-3
-    init_std: float = 0.08  # larger random q/k form the retrieval heads sooner: the digit loss leaves chance (ln 10)
+    init_std: float = 0.08  # chosen on the previous task (the README's history), where 0.02 sat at chance longer
     warmup: int = 50
     p_limit: float = 0.25  # share of SFT prompts that carry the RL system prompt, with a generous limit
     seed: int = 0
