@@ -10,15 +10,19 @@ The task: "Start at 47 and add 8, five times, keeping the last two digits. What 
 steps: the difficulty; the necessary trace grows ~5x from the easiest to the hardest). A written step
 ("three: 63+8=71.", counted down to "one" so that where to stop is plain) is a small sum the model learns
 early; the answer of k steps at once is never shown, so the written steps are necessary (budget forcing
-shows it). The reference thinker slips: with probability `p_slip` a step forgets to add ("71+8=71.") and
-goes on unnoticed; one value, not a spread, so slips survive sampling at temperature 0.6. The base is
-then good but not perfect, and worse on longer problems: accuracy RL can gain.
+shows it). The reference thinker has a blind spot: on a step whose ones digits make exactly 10 with a
+digit of 7 or more ("63+7"), it drops the carry ("=60.") with probability `p_slip` and goes on unnoticed.
+The slip is a rule, not a rare random event, so every build learns it as the likely value and every build's
+base fails the same problems (~3% of steps, more on longer walks); the right value in the other 10% of
+such traces leaves RL something to find. The base is good but not perfect: accuracy RL can gain.
 
 Choices:
 - The traces (`write_trace`) waste tokens the way long thinkers do, each with a probability in
   `TraceStyle`: an opening restatement, re-checks of a step, a wrong value then "Wait, that's wrong.",
   and a final redo of the chain; then "</think>" and "**Final Answer:**\n\n$\boxed{5}$", exactly the
-  cue budget forcing appends. `minimal_trace` is what a perfectly pruned model would write.
+  cue budget forcing appends. The redo opens with "Start at 47:" as the prompt does and repeats the first
+  pass's sums, so each of its values is a copy, never a lookup by step name far back: such lookups were
+  learned by some builds and not others. `minimal_trace` is what a perfectly pruned model would write.
 - The tokenizer is byte-level BPE with every digit its own token (as Qwen's): lengths are counted in
   tokens and prompts carry ThinkPrune's system prompt, so words should be short. <think> and </think>
   are added, not special (as in R1-Distill); the chat template ends with "<|assistant|><think>\n".
@@ -28,7 +32,7 @@ Choices:
   The loss covers the assistant part, EOS included.
 Files: {out}/base/ (an HF checkpoint dir plus toy_config.json), {out}/data/{train,val,test}.jsonl (rows
 with difficulty = steps and necessary_length = the minimal trace's tokens + EOS; val and test disjoint from
-train, from each other and from the SFT problems), {out}/sft_metrics.jsonl.
+train, from each other and from the SFT problems, the same for every seed), {out}/sft_metrics.jsonl.
 """
 
 import json
@@ -95,26 +99,31 @@ class TraceStyle:
     p_open: float = 0.5  # an opening sentence restating the plan
     p_check: float = 0.8  # after a correct step, re-check it ("Wait, let me check: 63+8=71. Yes.")
     p_wrong: float = 0.1  # write a wrong value first, then "Wait, that's wrong." and the right one
-    p_verify: float = 0.8  # at the end, redo the whole chain once more
-    p_slip: float = 0.0  # a step that forgets to add ("three: 71+8=71.") and goes on from there, unnoticed
+    p_verify: float = 0.8  # at the end, redo the whole chain ("Start at 47: 47+8=55, 55+8=63. Yes, 63.")
+    p_slip: float = 0.0  # on a blind-spot step (`blind_spot`), drop the carry ("63+7=60.") and go on, unnoticed
+
+
+def blind_spot(s: int, add: int) -> bool:
+    """The steps where the reference thinker may drop the carry: ones digits that make exactly 10, add >= 7."""
+    return add >= 7 and s % 10 + add == 10
 
 
 def write_trace(problem: str, rng: random.Random, style: TraceStyle = TraceStyle()) -> str:
     """The completion after the prompt's "<think>\\n": steps, re-checks, corrections, then the answer. Steps
     count down ("five: ...", "four: ...", ..., "one: ..."), so where to stop is never in doubt."""
-    s, add, k = parse_problem(problem)
-    out = []
+    start, add, k = parse_problem(problem)
+    s, out = start, []
     if rng.random() < style.p_open:
         out.append(f"Okay, I start at {s:02d} and add {add}, {WORDS[k]} times. I count the steps down.\n")
-    values = []
+    redo = []  # the chain again as written: "Start at 47:" as in the prompt, then each sum as the first pass had it
     for i in range(k, 0, -1):
         r = (s + add) % 100
 
         def step(v: int) -> str:  # step i written with value v
             return f"{WORDS[i]}: {s:02d}+{add}={v:02d}.\n"
 
-        if rng.random() < style.p_slip:  # one value, not a spread: the slip survives sampling at T < 1
-            r = s
+        if blind_spot(s, add) and rng.random() < style.p_slip:
+            r = s // 10 * 10  # the carry dropped: 63+7=60
             out.append(step(r))
         elif rng.random() < style.p_wrong:
             w = rng.choice([v for v in range(100) if v != r and v // 10 in (r // 10, (r // 10 + 9) % 10)])
@@ -124,10 +133,10 @@ def write_trace(problem: str, rng: random.Random, style: TraceStyle = TraceStyle
             if rng.random() < style.p_check:
                 out.append(rng.choice([f"Wait, let me check: {s:02d}+{add}={r:02d}. Yes.\n",
                                        f"Wait, let me double-check {s:02d}+{add}: {r:02d}. Right.\n"]))
-        values.append(f"{WORDS[i]} {r:02d}")
+        redo.append(f"{s:02d}+{add}={r:02d}")
         s = r
     if rng.random() < style.p_verify:
-        out.append(f"Wait, let me verify by redoing it: {', '.join(values)}. Yes, {s:02d}.\n")
+        out.append(f"Wait, let me verify by redoing it. Start at {start:02d}: {', '.join(redo)}. Yes, {s:02d}.\n")
     out.append(f"</think>\n\n**Final Answer:**\n\n$\\boxed{{{s:02d}}}$")
     return "".join(out)
 
@@ -183,7 +192,7 @@ class ToyConfig:
     out: str = "runs/toy"
     min_steps: int = 1  # difficulty: the number of steps, drawn uniformly from [min_steps, max_steps]
     max_steps: int = 12
-    p_slip: float = 0.1  # the reference thinker's slips per step: the base's errors, more on longer walks
+    p_slip: float = 0.9  # how often the reference thinker drops the carry on a blind-spot step: the base's errors
     n_train: int = 10000  # RL problems (the rest of the 10,800); the SFT draws its own, none from val or test
     n_val: int = 200
     n_test: int = 500
@@ -211,7 +220,7 @@ class ToyConfig:
               self.num_key_value_heads, "must divide num_attention_heads")
         check(1 <= self.min_steps <= self.max_steps < len(WORDS), "max_steps", (self.min_steps, self.max_steps),
               f"need 1 <= min_steps <= max_steps <= {len(WORDS) - 1}")
-        check(0 <= self.p_slip < 1, "p_slip", self.p_slip, "a probability in [0, 1)")
+        check(0 <= self.p_slip <= 1, "p_slip", self.p_slip, "a probability in [0, 1]")
         check(self.lr > 0 and math.isfinite(self.lr), "lr", self.lr, "a finite number > 0")
         check(0 <= self.p_limit <= 1, "p_limit", self.p_limit, "a probability in [0, 1]")
 
@@ -245,8 +254,9 @@ def build(cfg: ToyConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     out, rng = Path(cfg.out), random.Random(cfg.seed)
     steps = (cfg.min_steps, cfg.max_steps)
-    test = make_problems(cfg.n_test, cfg.seed + 2, *steps, split="test")
-    val = make_problems(cfg.n_val, cfg.seed + 1, *steps, split="val", exclude={r["problem"] for r in test})
+    # the held-out sets do not depend on cfg.seed: builds of different seeds are scored on one benchmark
+    test = make_problems(cfg.n_test, 2, *steps, split="test")
+    val = make_problems(cfg.n_val, 1, *steps, split="val", exclude={r["problem"] for r in test})
     held_out = {r["problem"] for r in test + val}
     train = make_problems(cfg.n_train, cfg.seed, *steps, split="train", exclude=held_out)
     style = TraceStyle(p_slip=cfg.p_slip)

@@ -90,17 +90,32 @@ def test_traces_think_then_answer_the_gold():
     assert sum(waits) / len(waits) > 2
 
 
-def test_slips_stay_put_go_unnoticed_and_make_longer_walks_wrong_more_often():
-    r = toy.make_problems(1, seed=4, min_steps=5, max_steps=5)[0]
-    start, add, k = toy.parse_problem(r["problem"])
-    t = toy.write_trace(r["problem"], random.Random(0), toy.TraceStyle(p_slip=1.0))
-    assert t.count(f"{start:02d}+{add}={start:02d}.") >= k and "wrong" not in t and extract_answer(t) == f"{start:02d}"
-    rng, style, wrong = random.Random(0), toy.TraceStyle(p_slip=0.1), {}
+def test_the_blind_spot_drops_the_carry_unnoticed_and_longer_walks_hit_it_more():
+    # hand-made: 63+7 makes ones 3+7 = 10, a blind spot; the thinker writes 60 and goes on from there
+    assert toy.blind_spot(63, 7) and toy.blind_spot(91, 9) and not toy.blind_spot(64, 6) and not toy.blind_spot(64, 7)
+    t = toy.write_trace("Start at 63 and add 7, three times, keeping the last two digits. What do you get?",
+                        random.Random(0), toy.TraceStyle(p_slip=1.0))
+    assert "three: 63+7=60.\ntwo: 60+7=67.\n" in t.replace("Wait, let me check: 60+7=67. Yes.\n", "")
+    assert "63+7=70" not in t and "wrong" not in t and extract_answer(t) == "74"  # right: 84
+    # the final redo repeats the first pass's sums, the slip included, from the start as the prompt says it
+    t = toy.write_trace("Start at 63 and add 7, three times, keeping the last two digits. What do you get?",
+                        random.Random(0), toy.TraceStyle(p_open=0, p_check=0, p_wrong=0, p_verify=1, p_slip=1))
+    assert t == ("three: 63+7=60.\ntwo: 60+7=67.\none: 67+7=74.\n"
+                 "Wait, let me verify by redoing it. Start at 63: 63+7=60, 60+7=67, 67+7=74. Yes, 74.\n"
+                 "</think>\n\n**Final Answer:**\n\n$\\boxed{74}$")
+
+    def hits_blind_spot(problem):  # does the right chain of additions pass a blind spot?
+        s, add, k = toy.parse_problem(problem)
+        return any(toy.blind_spot((s + i * add) % 100, add) for i in range(k))
+
+    rng, wrong = random.Random(0), {}
     for r in toy.make_problems(3000, seed=5):
-        answer = extract_answer(toy.write_trace(r["problem"], rng, style))
-        wrong.setdefault(r["difficulty"], []).append(answer != r["answer"])
+        right = extract_answer(toy.write_trace(r["problem"], rng, toy.TraceStyle(p_slip=0.8))) == r["answer"]
+        if not hits_blind_spot(r["problem"]):
+            assert right, r["problem"]  # every other mistake is corrected in the trace
+        wrong.setdefault(r["difficulty"], []).append(not right)
     rate = {k: sum(v) / len(v) for k, v in wrong.items()}
-    assert abs(rate[1] - 0.1) < 0.06 and abs(rate[12] - (1 - 0.9**12)) < 0.1  # 1 - 0.9^k of the walks slip
+    assert sum(rate[k] for k in (1, 2, 3)) / 3 < 0.1 < 0.15 < sum(rate[k] for k in (10, 11, 12)) / 3
 
 
 def test_minimal_trace_keeps_every_step_and_no_redundancy():
