@@ -13,7 +13,7 @@ early; the answer of k steps at once is never shown, so the written steps are ne
 shows it). The reference thinker has a blind spot: on a step whose ones digits make exactly 10 with a
 digit of 7 or more ("63+7"), it drops the carry ("=60.") with probability `p_slip` and goes on unnoticed.
 The slip is a rule, not a rare random event, so every build learns it as the likely value and every build's
-base fails the same problems (~3% of steps, more on longer walks); the right value in the other 10% of
+base fails the same problems (~3% of steps, more on longer walks); the right value in the other 20% of
 such traces leaves RL something to find. The base is good but not perfect: accuracy RL can gain.
 
 Choices:
@@ -192,7 +192,7 @@ class ToyConfig:
     out: str = "runs/toy"
     min_steps: int = 1  # difficulty: the number of steps, drawn uniformly from [min_steps, max_steps]
     max_steps: int = 12
-    p_slip: float = 0.9  # how often the reference thinker drops the carry on a blind-spot step: the base's errors
+    p_slip: float = 0.8  # how often the reference thinker drops the carry on a blind-spot step: the base's errors
     n_train: int = 10000  # RL problems (the rest of the 10,800); the SFT draws its own, none from val or test
     n_val: int = 200
     n_test: int = 500
