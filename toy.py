@@ -13,7 +13,7 @@ early; the answer of k steps at once is never shown, so the written steps are ne
 shows it). The reference thinker has a blind spot: on a step whose ones digits make exactly 10 with a
 digit of 7 or more ("63+7"), it drops the carry ("=60.") with probability `p_slip` and goes on unnoticed.
 The slip is a rule, not a rare random event, so every build learns it as the likely value and every build's
-base fails the same problems (~3% of steps, more on longer walks); the right value in the other 20% of
+base fails at the same steps (~3% of steps, more on longer walks); the right value in the other 20% of
 such traces leaves RL something to find. The base is good but not perfect: accuracy RL can gain.
 
 Choices:
