@@ -1,13 +1,12 @@
-"""
-Batched sampling from a `model.Transformer` with a static KV cache and ThinkPrune's hard length cutoff.
+"""Batched sampling from a `model.Transformer` with a static KV cache and ThinkPrune's hard length cutoff.
 
     from rollout import generate
     ro = generate(model, prompts, n=8, max_new_tokens=4096, temperature=0.6, top_p=0.95, seed=step)
     ro.tokens[i, :ro.lengths[i]]  # completion i, EOS included; its prompt is prompts[ro.prompt_index[i]]
 
 Rows are prompt-major: row i is sample i % n of prompt i // n (a GRPO group is n consecutive rows).
-A row stops at the first EOS (kept: learning when to stop is the method) or after exactly
-`max_new_tokens` tokens without one: the hard cutoff, `finished=False`.
+A row stops at the first EOS (kept: learning when to stop is the method) or after exactly `max_new_tokens`
+tokens without one: the hard cutoff, `finished=False`.
 
 How it works (the numbered steps in `generate`):
 1. One static `KVCache` of `max_batch` slots (gpt-fast style: fixed shapes).
@@ -29,8 +28,8 @@ samples (up to float rounding) and a prompt's samples do not depend on the promp
 Sampling distribution: fp32 logits / temperature, then top-k, then top-p (the smallest set of most
 likely tokens whose mass reaches top_p). `logprobs` are under exactly that distribution: the "old"
 policy of the trainer's importance ratio. temperature=0 is greedy, with the plain softmax's logprobs.
-On the CPU in fp32 the linear layers run from oneDNN-packed weights (model.py's fenced speed paths).
-`compile=True` compiles the decode step with its sampling. One host sync per step: did any row stop?
+On the CPU in fp32 the linear layers run from oneDNN-packed weights (model.py's fenced speed paths);
+`compile=True` compiles the decode step and its sampling. One host sync per step: did any row stop?
 """
 
 import contextlib

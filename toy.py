@@ -1,5 +1,4 @@
-r"""
-The embedded task: a synthetic long-thinking problem set, its tokenizer, and a tiny Qwen2 SFT'd on
+r"""The embedded task: a synthetic long-thinking problem set, its tokenizer, and a tiny Qwen2 SFT'd on
 verbose reference traces, saved so that the rest of the pipeline cannot tell it from R1-Distill.
 
     python toy.py                          # builds runs/toy/{base/, data/{train,val,test}.jsonl} if absent,
@@ -7,28 +6,23 @@ verbose reference traces, saved so that the rest of the pipeline cannot tell it 
     python toy.py --out=runs/demo --steps=300 --hidden_size=96    # any ToyConfig field as --key=value
 
 The task: "Start at 47 and add 8, five times, keeping the last two digits. What do you get?" (1 to 12
-steps: the difficulty; the necessary trace grows ~5x from the easiest to the hardest). A written step
-("three: 63+8=71.", counted down to "one" so that where to stop is plain) is a small sum the model learns
-early; the answer of k steps at once is never shown, so the written steps are necessary (budget forcing
-shows it). The reference thinker has a blind spot: on a step whose ones digits make exactly 10 with a
-digit of 7 or more ("63+7"), it drops the carry ("=60.") with probability `p_slip` and goes on unnoticed.
-The slip is a rule, not a rare random event, so every build learns it as the likely value and every build's
-base fails at the same steps (~3% of steps, more on longer walks); the right value in the other 20% of
-such traces leaves RL something to find. The base is good but not perfect: accuracy RL can gain.
+steps: the difficulty). A written step ("three: 63+8=71.", counted down to "one" so that where to stop is
+plain) is a small sum; the answer of k steps at once is never shown, so the written steps are necessary.
+The reference thinker has a blind spot: on a step whose ones digits make exactly 10 with a digit of 7 or
+more ("63+7"), it drops the carry ("=60.") with probability `p_slip`, unnoticed: a rule every build learns
+as the likely value (a rare random slip survived T=0.6 by build), and the rest leave RL accuracy to gain.
 
 Choices:
 - The traces (`write_trace`) waste tokens the way long thinkers do, each with a probability in
   `TraceStyle`: an opening restatement, re-checks of a step, a wrong value then "Wait, that's wrong.",
   and a final redo of the chain; then "</think>" and "**Final Answer:**\n\n$\boxed{5}$", exactly the
   cue budget forcing appends. The redo opens with "Start at 47:" as the prompt does and repeats the first
-  pass's sums, so each of its values is a copy, never a lookup by step name far back: such lookups were
-  learned by some builds and not others. `minimal_trace` is what a perfectly pruned model would write.
+  pass's sums: copies, never lookups far back. `minimal_trace` is what a perfect pruner would write.
 - The tokenizer is byte-level BPE with every digit its own token (as Qwen's): lengths are counted in
   tokens and prompts carry ThinkPrune's system prompt, so words should be short. <think> and </think>
   are added, not special (as in R1-Distill); the chat template ends with "<|assistant|><think>\n".
-- SFT prompts come from data.build_prompt, as in RL and evaluation. A quarter of them carry the
-  limit system prompt with a generous random limit, so the limit sentence is familiar text that does not
-  change the output: only the cutoff reward teaches the model to be short, which is ThinkPrune's claim.
+- SFT prompts come from data.build_prompt, as in RL. A quarter carry the limit system prompt with a generous
+  random limit: familiar text that does not change the output, so only the cutoff reward teaches brevity.
   The loss covers the assistant part, EOS included.
 Files: {out}/base/ (an HF checkpoint dir plus toy_config.json), {out}/data/{train,val,test}.jsonl (rows
 with difficulty = steps and necessary_length = the minimal trace's tokens + EOS; val and test disjoint from
@@ -116,20 +110,20 @@ def write_trace(problem: str, rng: random.Random, style: TraceStyle = TraceStyle
     if rng.random() < style.p_open:
         out.append(f"Okay, I start at {s:02d} and add {add}, {WORDS[k]} times. I count the steps down.\n")
     redo = []  # the chain again as written: "Start at 47:" as in the prompt, then each sum as the first pass had it
+
+    def step(i: int, s: int, v: int) -> str:  # step i (counted down) from s, written with value v
+        return f"{WORDS[i]}: {s:02d}+{add}={v:02d}.\n"
+
     for i in range(k, 0, -1):
         r = (s + add) % 100
-
-        def step(v: int) -> str:  # step i written with value v
-            return f"{WORDS[i]}: {s:02d}+{add}={v:02d}.\n"
-
         if blind_spot(s, add) and rng.random() < style.p_slip:
             r = s // 10 * 10  # the carry dropped: 63+7=60
-            out.append(step(r))
+            out.append(step(i, s, r))
         elif rng.random() < style.p_wrong:
             w = rng.choice([v for v in range(100) if v != r and v // 10 in (r // 10, (r // 10 + 9) % 10)])
-            out.append(step(w) + "Wait, that's wrong. " + step(r))
+            out.append(step(i, s, w) + "Wait, that's wrong. " + step(i, s, r))
         else:
-            out.append(step(r))
+            out.append(step(i, s, r))
             if rng.random() < style.p_check:
                 out.append(rng.choice([f"Wait, let me check: {s:02d}+{add}={r:02d}. Yes.\n",
                                        f"Wait, let me double-check {s:02d}+{add}: {r:02d}. Right.\n"]))
