@@ -9,8 +9,9 @@ The task: "Start at 47 and add 8, five times, keeping the last two digits. What 
 steps: the difficulty). A written step ("three: 63+8=71.", counted down to "one" so that where to stop is
 plain) is a small sum; the answer of k steps at once is never shown, so the written steps are necessary.
 The reference thinker has a blind spot: on a step whose ones digits make exactly 10 with a digit of 7 or
-more ("63+7"), it drops the carry ("=60.") with probability `p_slip`, unnoticed: a rule every build learns
-as the likely value (a rare random slip survived T=0.6 by build), and the rest leave RL accuracy to gain.
+more ("63+7"), it drops the carry ("=60.") with probability `p_slip`, unnoticed: a rule learned as the
+likely value, not a rare random slip whose survival at T=0.6 varies by build; the traces with the right
+value leave RL accuracy to gain.
 
 Choices:
 - The traces (`write_trace`) waste tokens the way long thinkers do, each with a probability in
