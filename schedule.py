@@ -158,22 +158,24 @@ def validate(cfg: ScheduleConfig, path: str, name: str, out: Path, budget: int |
     return {"path": str(path), **res}
 
 
-def run_schedule(cfg: ScheduleConfig, train_fn=train.main) -> dict:
-    """Run (or resume) the whole schedule; returns the state that schedule.json holds. Rank 0 holds the
-    out_dir's lock (checkpoint.lock) throughout: a second schedule on it is refused."""
+def run_schedule(cfg: ScheduleConfig, train_fn=train.main, base: dict | None = None) -> dict:
+    """Run (or resume) the whole schedule; returns the state that schedule.json holds. `base`: the original
+    model's `validate` result under these settings when the caller has it (a sweep validates its base once
+    for all its runs). Rank 0 holds the out_dir's lock (checkpoint.lock) throughout: a second schedule on
+    it is refused."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with checkpoint.lock(out) if distributed.rank() == 0 else nullcontext():
-        return _run_schedule(cfg, train_fn, out)
+        return _run_schedule(cfg, train_fn, out, base)
 
 
-def _run_schedule(cfg: ScheduleConfig, train_fn, out: Path) -> dict:
+def _run_schedule(cfg: ScheduleConfig, train_fn, out: Path, base: dict | None) -> dict:
     state = load_state(cfg, out)
     t0 = time.time()
 
     # 1. the original model: the bar every stage is held to, and the budget-forcing baseline
     if state["base"] is None:
-        state["base"] = validate(cfg, cfg.model, "base", out)
+        state["base"] = base or validate(cfg, cfg.model, "base", out)
         save_state(state, out)
     done = {p["budget"] for p in state["budget_forcing"]}
     for B in cfg.budgets:

@@ -13,7 +13,8 @@ The base, and budget forcing of the base at `budgets`, are scored on the same te
 
 Choices:
 - Every run has the same total steps, data, evaluation seed (common random numbers) and validation rule;
-  runs differ in their method's train.Config keys and in the RL seed (data order and samples).
+  runs differ in their method's train.Config keys and in the RL seed (data order and samples). The base's
+  validation, the selection rule's bar, is the same for all of them: done once and handed to each run.
 - Resumable: a finished run's test result is kept in results.json and skipped on a rerun; an unfinished
   one resumes inside run_schedule. Other evaluation or base settings: refused, not mixed.
 - A claim "holds" when its effect is larger than twice the combined standard error over seeds (or, for
@@ -110,7 +111,8 @@ def main(cfg: SweepConfig) -> dict:
     toy.ensure_base(toy.ToyConfig(out=str(out), **cfg.toy))
     difficulty = {r["id"]: r["difficulty"] for r in load_problems(out / "data" / "test.jsonl")}
     path = out / "results.json"
-    settings = {k: getattr(schedule_config(cfg, "", [], test=True), k) for k in schedule.VALIDATION_KEYS}
+    settings = {f"{split}.{k}": getattr(schedule_config(cfg, "", [], test=split == "test"), k)
+                for split in ("val", "test") for k in schedule.VALIDATION_KEYS}
     done = json.loads(path.read_text()) if path.is_file() else {"settings": settings, "runs": {}, "seconds": 0.0}
     if done["settings"] != settings:
         diff = [k for k in settings if done["settings"].get(k) != settings[k]]
@@ -127,13 +129,15 @@ def main(cfg: SweepConfig) -> dict:
         if str(B) not in forcing:
             forcing[str(B)] = {"budget": B, **score(cfg, difficulty, str(out / "base"), f"base_budget{B}", B)}
             save("budget_forcing", forcing)
+    if "base_val" not in done:  # the selection rule's bar, the same for every run: validated once
+        save("base_val", schedule.validate(schedule_config(cfg, "", []), str(out / "base"), "val_base", out))
     todo = [(L, m, s) for L in cfg.limits for m in cfg.methods for s in cfg.seeds]
     from tqdm import tqdm
     for L, m, s in tqdm(todo, desc="sweep", unit="run", dynamic_ncols=True):
         name = f"{m}_L{L}_s{s}"
         if name in done["runs"]:
             continue
-        state = schedule.run_schedule(schedule_config(cfg, name, stages(cfg, m, L, s)))
+        state = schedule.run_schedule(schedule_config(cfg, name, stages(cfg, m, L, s)), base=done["base_val"])
         res = score(cfg, difficulty, state["stages"][-1]["selected"]["path"], name)
         done["runs"][name] = {"method": m, "limit": L, "seed": s, **res}
         save("runs", done["runs"])

@@ -45,6 +45,9 @@ def test_shortened_sweep_writes_the_report_and_skips_finished_runs(tmp_path, mon
     assert all({"claim", "held", "detail"} == set(c) for c in summary["claims"]) and summary["claims"]
     tp = json.loads((tmp_path / "runs" / "thinkprune_L100_s0" / "schedule.json").read_text())
     assert [s["limit"] for s in tp["stages"]] == [120, 100]  # the ladder, one step each
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert tp["base"] == results["base_val"]  # the base validated once for all runs, not once per run
+    assert not (tmp_path / "runs" / "thinkprune_L100_s0" / "evals" / "base.jsonl").exists()
     for name in ("report.md", "pareto.png", "by_difficulty.png"):
         assert (tmp_path / name).stat().st_size > 0
 
