@@ -9,16 +9,18 @@ The task: "Start at 47 and add 8, five times, keeping the last two digits. What 
 steps: the difficulty). A written step ("three: 63+8=71.", counted down to "one" so that where to stop is
 plain) is a small sum; the answer of k steps at once is never shown, so the written steps are necessary.
 The reference thinker has a blind spot: on a step whose ones digits make exactly 10 with a digit of 7 or
-more ("63+7"), it drops the carry ("=60.") with probability `p_slip`, unnoticed: a rule learned as the
+more ("63+7"), it drops the carry ("=60.") with probability `p_slip` (0.9), unnoticed: a rule learned as the
 likely value, not a rare random slip whose survival at T=0.6 varies by build; the traces with the right
 value leave RL accuracy to gain.
 
 Choices:
 - The traces (`write_trace`) waste tokens the way long thinkers do, each with a probability in
   `TraceStyle`: an opening restatement, re-checks of a step, a wrong value then "Wait, that's wrong.",
-  and a final redo of the chain; then "</think>" and "**Final Answer:**\n\n$\boxed{5}$", exactly the
-  cue budget forcing appends. The redo opens with "Start at 47:" as the prompt does and repeats the first
-  pass's sums: copies, never lookups far back. `minimal_trace` is what a perfect pruner would write.
+  and a final check of the last step ("Wait, let me verify the last step again: 63+8=71. Yes, 71."); then
+  "</think>" and "**Final Answer:**\n\n$\boxed{5}$", exactly the cue budget forcing appends. Every
+  redundant line copies from the line before it, never from far back: a redo of the whole chain (tried,
+  README) made builds differ by which far copy each had learned. `minimal_trace` is what a perfect pruner
+  would write.
 - The tokenizer is byte-level BPE with every digit its own token (as Qwen's): lengths are counted in
   tokens and prompts carry ThinkPrune's system prompt, so words should be short. <think> and </think>
   are added, not special (as in R1-Distill); the chat template ends with "<|assistant|><think>\n".
@@ -94,7 +96,7 @@ class TraceStyle:
     p_open: float = 0.5  # an opening sentence restating the plan
     p_check: float = 0.8  # after a correct step, re-check it ("Wait, let me check: 63+8=71. Yes.")
     p_wrong: float = 0.1  # write a wrong value first, then "Wait, that's wrong." and the right one
-    p_verify: float = 0.8  # at the end, redo the whole chain ("Start at 47: 47+8=55, 55+8=63. Yes, 63.")
+    p_verify: float = 0.8  # at the end, check the last step again ("...again: 55+8=63. Yes, 63.")
     p_slip: float = 0.0  # on a blind-spot step (`blind_spot`), drop the carry ("63+7=60.") and go on, unnoticed
 
 
@@ -110,7 +112,6 @@ def write_trace(problem: str, rng: random.Random, style: TraceStyle = TraceStyle
     s, out = start, []
     if rng.random() < style.p_open:
         out.append(f"Okay, I start at {s:02d} and add {add}, {WORDS[k]} times. I count the steps down.\n")
-    redo = []  # the chain again as written: "Start at 47:" as in the prompt, then each sum as the first pass had it
 
     def step(i: int, s: int, v: int) -> str:  # step i (counted down) from s, written with value v
         return f"{WORDS[i]}: {s:02d}+{add}={v:02d}.\n"
@@ -128,10 +129,10 @@ def write_trace(problem: str, rng: random.Random, style: TraceStyle = TraceStyle
             if rng.random() < style.p_check:
                 out.append(rng.choice([f"Wait, let me check: {s:02d}+{add}={r:02d}. Yes.\n",
                                        f"Wait, let me double-check {s:02d}+{add}: {r:02d}. Right.\n"]))
-        redo.append(f"{s:02d}+{add}={r:02d}")
+        last = f"{s:02d}+{add}={r:02d}"
         s = r
     if rng.random() < style.p_verify:
-        out.append(f"Wait, let me verify by redoing it. Start at {start:02d}: {', '.join(redo)}. Yes, {s:02d}.\n")
+        out.append(f"Wait, let me verify the last step again: {last}. Yes, {s:02d}.\n")
     out.append(f"</think>\n\n**Final Answer:**\n\n$\\boxed{{{s:02d}}}$")
     return "".join(out)
 
@@ -187,7 +188,7 @@ class ToyConfig:
     out: str = "runs/toy"
     min_steps: int = 1  # difficulty: the number of steps, drawn uniformly from [min_steps, max_steps]
     max_steps: int = 12
-    p_slip: float = 0.8  # how often the reference thinker drops the carry on a blind-spot step: the base's errors
+    p_slip: float = 0.9  # how often the reference thinker drops the carry on a blind-spot step: the base's errors
     n_train: int = 10000  # RL problems (the rest of the 10,800); the SFT draws its own, none from val or test
     n_val: int = 200
     n_test: int = 500

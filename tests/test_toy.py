@@ -97,12 +97,12 @@ def test_the_blind_spot_drops_the_carry_unnoticed_and_longer_walks_hit_it_more()
                         random.Random(0), toy.TraceStyle(p_slip=1.0))
     assert "three: 63+7=60.\ntwo: 60+7=67.\n" in t.replace("Wait, let me check: 60+7=67. Yes.\n", "")
     assert "63+7=70" not in t and "wrong" not in t and extract_answer(t) == "74"  # right: 84
-    # the final redo repeats the first pass's sums, the slip included, from the start as the prompt says it
-    t = toy.write_trace("Start at 63 and add 7, three times, keeping the last two digits. What do you get?",
+    # the final check repeats the last step as the first pass wrote it, the slip included
+    t = toy.write_trace("Start at 46 and add 7, two times, keeping the last two digits. What do you get?",
                         random.Random(0), toy.TraceStyle(p_open=0, p_check=0, p_wrong=0, p_verify=1, p_slip=1))
-    assert t == ("three: 63+7=60.\ntwo: 60+7=67.\none: 67+7=74.\n"
-                 "Wait, let me verify by redoing it. Start at 63: 63+7=60, 60+7=67, 67+7=74. Yes, 74.\n"
-                 "</think>\n\n**Final Answer:**\n\n$\\boxed{74}$")
+    assert t == ("two: 46+7=53.\none: 53+7=50.\n"
+                 "Wait, let me verify the last step again: 53+7=50. Yes, 50.\n"
+                 "</think>\n\n**Final Answer:**\n\n$\\boxed{50}$")
 
     def hits_blind_spot(problem):  # does the right chain of additions pass a blind spot?
         s, add, k = toy.parse_problem(problem)
