@@ -18,7 +18,7 @@ train = dict(
     seed=0,
     device="cpu",
 )
-# The base thinks ~260 tokens; the necessary steps alone take 31-163 (~100 on average). The last limit
+# The base thinks ~240 tokens; the necessary steps alone take 31-163 (~100 on average). The last limit
 # leaves room for the longest necessary chain (12 steps) and little else.
 stages = [
     dict(limit=300, steps=8),
