@@ -37,9 +37,8 @@ other graders' verdicts they overrule):
 
 The bound: the parent process never imports sympy. Strings and exact numbers are decided here;
 anything needing sympy runs in a bounded.Pool worker process, and a comparison that takes more than
-`timeout` seconds is False. Inputs are capped before any regex (texts at 1 MB, answers at 1,000
-characters, sympy leaves at 400, bracket depth 12, numbers 4,000 digits, at most 20 joined boxes);
-past a cap only string equality decides.
+`timeout` seconds is False. Inputs are capped before any regex (the MAX_* constants below); past a
+cap only string equality decides.
 """
 import re
 from fractions import Fraction
